@@ -1,0 +1,41 @@
+"""The one logger of the package: every module logs through ``init_logger(__name__)``.
+
+Why one root: users set the level once (``XFUSER_LOG_LEVEL`` or ``logging.getLogger("xfuser")``)
+and multi-rank runs prefix each line with the rank, so interleaved output stays readable.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+_ROOT = "xfuser"
+_configured = False
+
+
+class _RankFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = os.environ.get("RANK", "0")
+        return True
+
+
+def _configure_root() -> None:
+    global _configured
+    if _configured:
+        return
+    root = logging.getLogger(_ROOT)
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.addFilter(_RankFilter())
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [rank%(rank)s %(name)s] %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(os.environ.get("XFUSER_LOG_LEVEL", "INFO").upper())
+    root.propagate = False
+    _configured = True
+
+
+def init_logger(name: str) -> logging.Logger:
+    """Return a logger under the ``xfuser`` root (``name`` is usually ``__name__``)."""
+    _configure_root()
+    if not name.startswith(_ROOT):
+        name = f"{_ROOT}.{name}"
+    return logging.getLogger(name)
