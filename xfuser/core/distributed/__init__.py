@@ -1,1 +1,47 @@
-"""distributed package."""
+"""Distributed core: process groups, their coordinators and teardown."""
+from xfuser.core.distributed.group_coordinator import CollectiveTimeout, GroupCoordinator
+from xfuser.core.distributed.parallel_state import (
+    GROUP_KINDS,
+    RankLayout,
+    all_coordinators,
+    default_backend,
+    destroy_distributed_environment,
+    destroy_model_parallel,
+    get_cfg_group,
+    get_dp_group,
+    get_layout,
+    get_pp_group,
+    get_replica_group,
+    get_ring_group,
+    get_sp_group,
+    get_ulysses_group,
+    get_world_group,
+    init_distributed_environment,
+    initialize_model_parallel,
+    local_device,
+    model_parallel_is_initialized,
+)
+
+__all__ = [
+    "GROUP_KINDS",
+    "CollectiveTimeout",
+    "GroupCoordinator",
+    "RankLayout",
+    "all_coordinators",
+    "default_backend",
+    "destroy_distributed_environment",
+    "destroy_model_parallel",
+    "get_cfg_group",
+    "get_dp_group",
+    "get_layout",
+    "get_pp_group",
+    "get_replica_group",
+    "get_ring_group",
+    "get_sp_group",
+    "get_ulysses_group",
+    "get_world_group",
+    "init_distributed_environment",
+    "initialize_model_parallel",
+    "local_device",
+    "model_parallel_is_initialized",
+]
