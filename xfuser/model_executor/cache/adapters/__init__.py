@@ -1,1 +1,11 @@
-"""adapters package."""
+"""Block adapters, one module per block family; importing this package registers them all."""
+from xfuser.model_executor.cache.adapters import cogvideox, flux, hunyuandit, pixart  # noqa: F401
+from xfuser.model_executor.cache.adapters.base import (
+    BlockAdapter,
+    BlockCall,
+    adapter_for,
+    register_adapter,
+    supported_transformers,
+)
+
+__all__ = ["BlockAdapter", "BlockCall", "adapter_for", "register_adapter", "supported_transformers"]

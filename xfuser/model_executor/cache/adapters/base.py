@@ -1,0 +1,169 @@
+"""Block adapters: one block family's calling convention, written down once as data.
+
+The cache manager never hard-codes a model. It asks the adapter of the transformer's class
+(most-derived registered class wins) which ModuleLists hold the blocks, which call arguments
+are the hidden-state *streams* a block updates (and in which order it returns them), where the
+timestep sits in the transformer's call, what the timestep-modulated input of a block is
+(TeaCache reads it), and whether the family can compute a block for a subset of tokens while
+attending to all of them (FastCache's spatial token reduction).
+
+The convention is checked against the real block signature when a block is first bound, so a
+diffusers API change fails loudly instead of silently caching the wrong tensor.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+Streams = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class BlockCall:
+    """One invocation of a block, with its streams pulled out by name."""
+
+    block: nn.Module
+    bound: inspect.BoundArguments
+    stream_names: tuple[str, ...]
+    extra_names: tuple[str, ...]
+
+    @property
+    def streams(self) -> Streams:
+        return tuple(self.bound.arguments[name] for name in self.stream_names)
+
+    @property
+    def extras(self) -> Streams:
+        """Read-only tensor inputs that still change the block output (e.g. a long skip)."""
+        return tuple(
+            self.bound.arguments[name] for name in self.extra_names if self.bound.arguments.get(name) is not None
+        )
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        return self.bound.arguments.get(name, default)
+
+    def run(self) -> Any:
+        return self.block(*self.bound.args, **self.bound.kwargs)
+
+
+class BlockAdapter:
+    """Base adapter. Subclasses set the class attributes and override the hooks they support."""
+
+    family: ClassVar[str] = "base"
+    #: attribute names of the transformer's block ModuleLists, in execution order
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
+    #: block-call parameters holding the hidden-state streams the block updates
+    streams: ClassVar[tuple[str, ...]] = ("hidden_states",)
+    #: order in which the block returns its streams; None = returns streams[0] alone
+    returns: ClassVar[tuple[str, ...] | None] = None
+    #: block-call parameters read but not returned that still change the output
+    extra_inputs: ClassVar[tuple[str, ...]] = ()
+    #: name of the transformer forward argument carrying the timestep, and its range
+    timestep_arg: ClassVar[str] = "timestep"
+    timestep_max: ClassVar[float] = 1000.0
+    #: published TeaCache rescaling polynomial (highest power first), if any
+    tea_coefficients: ClassVar[Sequence[float] | None] = None
+    supports_token_subset: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self._signatures: dict[type, inspect.Signature] = {}
+
+    # ------------------------------------------------------------------ structure
+    def blocks(self, transformer: nn.Module) -> list[tuple[nn.ModuleList, int]]:
+        """(ModuleList, index) of every block in execution order."""
+        out = []
+        for attr in self.block_lists:
+            blocks = getattr(transformer, attr, None)
+            if blocks is None:
+                continue
+            out.extend((blocks, i) for i in range(len(blocks)))
+        if not out:
+            raise ValueError(f"{type(transformer).__name__} has none of the block lists {self.block_lists}")
+        return out
+
+    def bind(self, block: nn.Module, args: tuple, kwargs: dict) -> BlockCall:
+        sig = self._signatures.get(type(block))
+        if sig is None:
+            sig = inspect.signature(block.forward)
+            missing = [n for n in (*self.streams, *self.extra_inputs) if n not in sig.parameters]
+            if missing:
+                raise TypeError(
+                    f"{self.family} adapter expects {type(block).__name__}.forward to take {missing}; "
+                    f"the installed diffusers has {list(sig.parameters)}"
+                )
+            self._signatures[type(block)] = sig
+        bound = sig.bind(*args, **kwargs)
+        return BlockCall(block, bound, self.streams, self.extra_inputs)
+
+    def output_streams(self, output: Any) -> Streams:
+        """Block return value -> streams in ``self.streams`` order."""
+        if self.returns is None:
+            return (output,)
+        by_name = dict(zip(self.returns, output))
+        return tuple(by_name[name] for name in self.streams)
+
+    def pack_output(self, streams: Sequence[torch.Tensor]) -> Any:
+        """Streams in ``self.streams`` order -> the block's return format."""
+        if self.returns is None:
+            return streams[0]
+        by_name = dict(zip(self.streams, streams))
+        return tuple(by_name[name] for name in self.returns)
+
+    # ------------------------------------------------------------------ per-method hooks
+    def normalised_timestep(self, timestep: Any) -> float | None:
+        """The transformer's timestep mapped to [0, 1] (1 = pure noise)."""
+        if timestep is None:
+            return None
+        value = timestep.flatten()[0].item() if torch.is_tensor(timestep) else float(timestep)
+        return float(value) / self.timestep_max
+
+    def modulated_input(self, call: BlockCall) -> torch.Tensor:
+        """The timestep-modulated, normalised input of the block (TeaCache's indicator)."""
+        raise NotImplementedError(f"{self.family}: TeaCache indicator not implemented")
+
+    def run_token_subset(self, call: BlockCall, index: torch.Tensor) -> Streams:
+        """Compute the block for tokens ``index`` of the first stream only, attending to the
+        keys/values of *all* tokens; other rows are returned unchanged (the caller fills them)."""
+        raise NotImplementedError(f"{self.family}: token subsets not supported")
+
+
+@dataclass
+class _Registry:
+    entries: dict[type, type[BlockAdapter]] = field(default_factory=dict)
+
+
+_registry = _Registry()
+
+
+def register_adapter(*model_classes: type):
+    """Class decorator: ``@register_adapter(PixArtTransformer2DModel)``."""
+
+    def wrap(adapter_cls: type[BlockAdapter]) -> type[BlockAdapter]:
+        for cls in model_classes:
+            _registry.entries[cls] = adapter_cls
+        return adapter_cls
+
+    return wrap
+
+
+def adapter_for(transformer: nn.Module) -> BlockAdapter:
+    """The adapter registered for the most-derived class in ``type(transformer).__mro__``."""
+    from xfuser.model_executor.cache import adapters as _  # noqa: F401  (populate registry)
+
+    for cls in type(transformer).__mro__:
+        if cls in _registry.entries:
+            return _registry.entries[cls]()
+    known = sorted(c.__name__ for c in _registry.entries)
+    raise ValueError(
+        f"no cache adapter for {type(transformer).__name__}; supported transformers: {known}"
+    )
+
+
+def supported_transformers() -> list[str]:
+    from xfuser.model_executor.cache import adapters as _  # noqa: F401
+
+    return sorted(c.__name__ for c in _registry.entries)

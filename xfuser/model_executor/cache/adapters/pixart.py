@@ -1,0 +1,52 @@
+"""PixArt-α/Σ (``BasicTransformerBlock`` with ``ada_norm_single``): one image stream, text as
+cross-attention context, timestep modulation from the block's ``scale_shift_table``."""
+from __future__ import annotations
+
+import torch
+from diffusers import PixArtTransformer2DModel
+
+from xfuser.model_executor.cache.adapters.base import BlockAdapter, BlockCall, Streams, register_adapter
+
+
+def _modulation(call: BlockCall) -> tuple[torch.Tensor, ...]:
+    block, x = call.block, call.arg("hidden_states")
+    table = block.scale_shift_table[None] + call.arg("timestep").reshape(x.shape[0], 6, -1)
+    return table.chunk(6, dim=1)  # shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+@register_adapter(PixArtTransformer2DModel)
+class PixArtAdapter(BlockAdapter):
+    family = "pixart"
+    block_lists = ("transformer_blocks",)
+    streams = ("hidden_states",)
+    returns = None
+    timestep_arg = "timestep"
+    timestep_max = 1000.0
+    supports_token_subset = True
+
+    def modulated_input(self, call: BlockCall) -> torch.Tensor:
+        shift_msa, scale_msa, *_ = _modulation(call)
+        return call.block.norm1(call.arg("hidden_states")) * (1 + scale_msa) + shift_msa
+
+    def run_token_subset(self, call: BlockCall, index: torch.Tensor) -> Streams:
+        block = call.block
+        if block.norm_type != "ada_norm_single" or block.pos_embed is not None or block.only_cross_attention:
+            raise NotImplementedError("token subsets implemented for PixArt's ada_norm_single blocks only")
+        if call.arg("attention_mask") is not None:
+            raise NotImplementedError("token subsets with a self-attention mask are not supported")
+        x = call.arg("hidden_states")
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(call)
+        normed = block.norm1(x) * (1 + scale_msa) + shift_msa  # every token: keys/values need it
+        # queries from the selected tokens only, keys/values from ALL tokens
+        attn = block.attn1(normed[:, index], encoder_hidden_states=normed)
+        h = x[:, index] + gate_msa * attn
+        if block.attn2 is not None:
+            h = h + block.attn2(
+                h,
+                encoder_hidden_states=call.arg("encoder_hidden_states"),
+                attention_mask=call.arg("encoder_attention_mask"),
+            )
+        h = h + gate_mlp * block.ff(block.norm2(h) * (1 + scale_mlp) + shift_mlp)
+        out = x.clone()
+        out[:, index] = h
+        return (out,)

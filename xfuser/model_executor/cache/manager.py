@@ -1,0 +1,170 @@
+"""CacheManager: one per transformer; owns the state, guards, statistics and agreement of ONE
+generation, and runs every block call through the configured cache method.
+
+Installation replaces each block in its ModuleList by a thin :class:`CachedBlock` that
+forwards to :meth:`CacheManager.run_block`. The model's own forward (embedding, the loop over
+blocks including HunyuanDiT's long skips and ConsisID's face injections, the output head) is
+untouched, so adding a model is adding an adapter, and every runner (single process, USP,
+CFG parallel, PipeFusion) that calls the transformer drives the same manager. A forward
+pre-hook on the transformer advances the step counter and reads the real timestep.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from xfuser.logger import init_logger
+from xfuser.model_executor.cache.adapters.base import BlockAdapter, BlockCall, Streams, adapter_for
+from xfuser.model_executor.cache.methods import method_class
+from xfuser.model_executor.cache.stats import CacheStatistics
+from xfuser.model_executor.cache.sync import SyncGroup
+
+logger = init_logger(__name__)
+
+
+class CachedBlock(nn.Module):
+    """Stands in for block ``index``; the real block stays a registered child (``.block``)."""
+
+    def __init__(self, block: nn.Module, index: int, manager: "CacheManager") -> None:
+        super().__init__()
+        self.block = block
+        self.index = index
+        # plain attribute, not a submodule: the manager must not appear in state_dict()
+        object.__setattr__(self, "_manager", manager)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._manager.run_block(self.index, self.block, args, kwargs)
+
+
+class CacheManager:
+    """Cache state of one transformer. Create with :meth:`install`; call :meth:`reset` before
+    every generation (the pipeline wrapper does)."""
+
+    def __init__(self, transformer: nn.Module, config, sync: SyncGroup | None = None, adapter: BlockAdapter | None = None) -> None:
+        self.transformer = transformer
+        self.config = config
+        self.sync = sync or SyncGroup()
+        self.adapter = adapter or adapter_for(transformer)
+        self.slots = self.adapter.blocks(transformer)  # (ModuleList, position) in execution order
+        self.num_blocks = len(self.slots)
+        self.block_weights = [float(sum(p.numel() for p in lst[i].parameters())) for lst, i in self.slots]
+        self.method = method_class(config.method)(self)
+        self.num_steps: int | None = None
+        self.step = -1
+        self.t_norm: float | None = None
+        self.auto_step = True
+        self.debug_agreement = bool(getattr(config, "debug_cache_agreement", False)) or os.environ.get(
+            "XFUSER_DEBUG_CACHE_AGREEMENT", "0"
+        ) not in ("", "0")
+        self._installed = False
+        self._hook = None
+        self.reset()
+
+    # ------------------------------------------------------------------ lifecycle
+    def install(self) -> "CacheManager":
+        if getattr(self.transformer, "_xfuser_cache_manager", None) is not None:
+            raise RuntimeError("a cache manager is already installed on this transformer; call uninstall() first")
+        for index, (blocks, position) in enumerate(self.slots):
+            blocks[position] = CachedBlock(blocks[position], index, self)
+        self._hook = self.transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        object.__setattr__(self.transformer, "_xfuser_cache_manager", self)
+        self._installed = True
+        return self
+
+    def uninstall(self) -> None:
+        """Put the original blocks back and remove the hook."""
+        if not self._installed:
+            return
+        for blocks, position in self.slots:
+            if isinstance(blocks[position], CachedBlock):
+                blocks[position] = blocks[position].block
+        if self._hook is not None:
+            self._hook.remove()
+        object.__setattr__(self.transformer, "_xfuser_cache_manager", None)
+        self._installed = False
+
+    def reset(self, num_inference_steps: int | None = None) -> None:
+        """Start a new generation: forget every reference, counter and statistic."""
+        self.num_steps = num_inference_steps
+        self.step = -1
+        self.t_norm = None
+        self.stats = CacheStatistics(self.method.name, self.num_blocks, self.block_weights)
+        self.method.reset()
+
+    # ------------------------------------------------------------------ step bookkeeping
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.auto_step:
+            return
+        timestep = kwargs.get(self.adapter.timestep_arg)
+        if timestep is None:
+            params = list(__import__("inspect").signature(module.forward).parameters)
+            if self.adapter.timestep_arg in params:
+                pos = params.index(self.adapter.timestep_arg)
+                timestep = args[pos] if pos < len(args) else None
+        self.begin_step(self.adapter.normalised_timestep(timestep))
+
+    def begin_step(self, t_norm: float | None = None) -> None:
+        """Advance to the next denoising step (runners that call the transformer several
+        times per step, e.g. PipeFusion patches, set ``auto_step=False`` and call this)."""
+        if self.num_steps is not None and self.step + 1 >= self.num_steps:
+            # a new generation started without reset(): begin afresh rather than carry state over
+            logger.debug("step counter passed num_steps=%d; starting a new generation", self.num_steps)
+            self.reset(self.num_steps)
+        self.step += 1
+        self.t_norm = t_norm
+        self.stats.begin_step(self.step, t_norm)
+
+    # ------------------------------------------------------------------ helpers for methods
+    def forced_compute(self) -> bool:
+        """Guards shared by every method: cache warm-up steps, and the last step computes."""
+        if self.step < self.config.cache_warmup_steps:
+            return True
+        return self.num_steps is not None and self.step >= self.num_steps - 1
+
+    def may_skip(self, consecutive: int) -> bool:
+        """Cap on consecutive cached steps (``max_cached_steps`` < 0: no cap)."""
+        cap = self.config.max_cached_steps
+        return cap is None or cap < 0 or consecutive < cap
+
+    def compute(self, call: BlockCall) -> Streams:
+        return self.adapter.output_streams(call.run())
+
+    def compute_token_subset(self, call: BlockCall, index: torch.Tensor) -> Streams:
+        return self.adapter.run_token_subset(call, index)
+
+    # ------------------------------------------------------------------ the block path
+    def run_block(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self.step < 0:
+            self.begin_step(None)
+        call = self.adapter.bind(block, args, kwargs)
+        streams, action, fraction = self.method.run_block(index, call)
+        self.stats.record(index, action, fraction)
+        if index == self.num_blocks - 1 and self.debug_agreement:
+            self.sync.verify_same(self.stats.decision_log()[-1:], f"cache decisions of step {self.step}")
+        return self.adapter.pack_output(streams)
+
+    # ------------------------------------------------------------------ reporting
+    def statistics(self) -> dict[str, Any]:
+        summary = self.stats.summary()
+        if hasattr(self.method, "held_out_errors"):
+            errors = self.method.held_out_errors()
+            for entry in summary["per_block"]:
+                if entry["block"] in errors:
+                    entry["approximation"] = errors[entry["block"]]
+        summary["family"] = self.adapter.family
+        summary["config"] = {
+            k: getattr(self.config, k)
+            for k in ("cache_ratio_threshold", "motion_threshold", "significance_level", "cache_warmup_steps", "max_cached_steps")
+            if hasattr(self.config, k)
+        }
+        return summary
+
+    def decision_log(self) -> list[tuple]:
+        return self.stats.decision_log()
+
+
+def get_cache_manager(transformer: nn.Module) -> CacheManager | None:
+    return getattr(transformer, "_xfuser_cache_manager", None)

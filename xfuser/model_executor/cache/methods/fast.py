@@ -1,0 +1,202 @@
+"""FastCache (``Fast``): per-block statistical skip test, fitted linear approximation, spatial
+token reduction and an adaptive threshold. The maths is in docs/methods/fastcache.md.
+
+Per step, at the stack input X_t (image tokens):
+  * token saliency s_i = ‖X_t,i − X_{t−1},i‖² (summed over the batch); a token is *static* when
+    s_i ≤ motion_threshold · mean(s) and *motion* otherwise (motion_threshold = 0 disables it);
+  * S_var = variance over tokens of the per-token relative change ‖ΔX_i‖/‖X_{t−1},i‖;
+  * τ_t = cache_ratio_threshold · max(0, 1 + (β1·S_var + β2·t + β3·t²)/β0), t ∈ [0, 1] the
+    real normalised timestep (1 = pure noise).
+Per block l, with H_ref its input at the last step it was computed:
+  * δ = ‖H_t − H_ref‖_F / ‖H_ref‖_F. Null hypothesis "the input moved by at most τ_t per unit
+    of RMS": with n = number of tokens (the independent units), n·δ²/τ_t² ~ χ²(n), so the block
+    is skipped iff δ ≤ τ_t·sqrt(χ²_{1−α}(n)/n), α = significance_level;
+  * skipped → H_out = Y_ref + (H_t − H_ref)(I + A), Y_ref the block output at that step: with
+    A = 0 this is plain residual reuse (H_t + R_ref, written so that a repeated input returns
+    Y_ref exactly); A is ridge-fitted; the one with the lower error on held-out computed steps
+    is used (``approximation``);
+  * computed with static tokens present → motion tokens go through the block attending to the
+    keys/values of *all* tokens; static tokens take the approximation.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from scipy.stats import chi2
+
+from xfuser.logger import init_logger
+from xfuser.model_executor.cache.adapters.base import BlockCall, Streams
+from xfuser.model_executor.cache.linear_approx import RidgeResidualMap
+from xfuser.model_executor.cache.methods.base import CacheMethod
+
+logger = init_logger(__name__)
+
+
+@lru_cache(maxsize=4096)
+def chi2_bound_factor(significance_level: float, dof: int) -> float:
+    """sqrt(χ²_{1−α}(n) / n): how far δ may exceed τ before the change is significant."""
+    return float(chi2.ppf(1.0 - significance_level, dof) / dof) ** 0.5
+
+
+class _BlockState:
+    def __init__(self, n_streams: int, ridge: float) -> None:
+        self.in_ref: Streams | None = None
+        self.extras_ref: Streams | None = None
+        self.out_ref: list[torch.Tensor] | None = None
+        self.maps = [RidgeResidualMap(ridge) for _ in range(n_streams)]
+        self.consecutive = 0
+        # held-out squared errors of both predictors, local (pending) and synced (totals)
+        self.pending = torch.zeros(3, dtype=torch.float64)
+        self.err_reuse = self.err_fit = self.err_norm = 0.0
+
+
+class FastCache(CacheMethod):
+    name = "Fast"
+
+    def __init__(self, manager) -> None:
+        super().__init__(manager)
+        self.approximation = getattr(self.config, "approximation", "auto")
+        self.ridge = float(getattr(self.config, "ridge", 0.1))
+        if self.config.motion_threshold > 0 and not manager.adapter.supports_token_subset:
+            logger.warning(
+                "Fast: spatial token reduction is not implemented for %s blocks; motion_threshold=%s "
+                "has no effect on this model (block-level skipping and the fitted approximation still apply)",
+                manager.adapter.family,
+                self.config.motion_threshold,
+            )
+
+    def reset(self) -> None:
+        n_streams = len(self.manager.adapter.streams)
+        self.blocks = [_BlockState(n_streams, self.ridge) for _ in range(self.manager.num_blocks)]
+        self.prev_stack_in: torch.Tensor | None = None
+        self.tau = self.config.cache_ratio_threshold
+        self.static_index: torch.Tensor | None = None
+        self.motion_index: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ per step
+    def _start_step(self, call: BlockCall) -> None:
+        m, cfg = self.manager, self.config
+        x = call.streams[0]
+        self.static_index = self.motion_index = None
+        self.tau = cfg.cache_ratio_threshold
+        if self.prev_stack_in is not None and self.prev_stack_in.shape == x.shape:
+            diff = (x - self.prev_stack_in).float().pow(2).sum(-1)  # (B, N) squared change per token
+            ref = self.prev_stack_in.float().pow(2).sum(-1).clamp_min(1e-12)
+            rel = (diff / ref).sqrt()
+            saliency = diff.sum(0)  # (N,)
+            sums = torch.stack(
+                [saliency.sum(), torch.tensor(float(saliency.numel()), device=x.device), rel.sum(), rel.pow(2).sum(), torch.tensor(float(rel.numel()), device=x.device)]
+            ).double()
+            s_sum, n_tok, r_sum, r2_sum, r_cnt = m.sync.reduce_sum(sums).tolist()
+            mean_s = s_sum / n_tok
+            s_var = max(r2_sum / r_cnt - (r_sum / r_cnt) ** 2, 0.0)
+            b0, b1, b2, b3 = cfg.betas
+            t = m.t_norm if m.t_norm is not None else 0.0
+            self.tau = cfg.cache_ratio_threshold * max(0.0, 1.0 + (b1 * s_var + b2 * t + b3 * t * t) / b0)
+            m.stats.metric("tau", self.tau)
+            m.stats.metric("s_var", s_var)
+            if cfg.motion_threshold > 0 and m.adapter.supports_token_subset and not m.forced_compute():
+                static = saliency <= cfg.motion_threshold * mean_s
+                self.static_index = static.nonzero().flatten()
+                self.motion_index = (~static).nonzero().flatten()
+        self.prev_stack_in = x
+
+    # ------------------------------------------------------------------ per block
+    def run_block(self, index: int, call: BlockCall) -> tuple[Streams, str, float]:
+        m, cfg = self.manager, self.config
+        if index == 0:
+            self._start_step(call)
+        st = self.blocks[index]
+        x, extras = call.streams, call.extras
+        if m.forced_compute() or st.in_ref is None or not m.may_skip(st.consecutive):
+            st.consecutive = 0
+            return self._compute(st, call), "C", 1.0
+        # δ test (one reduction carries the pending held-out errors of this block as well)
+        parts = [sum((a - b).float().pow(2).sum() for a, b in zip((*x, *extras), (*st.in_ref, *st.extras_ref)))]
+        parts.append(sum(b.float().pow(2).sum() for b in (*st.in_ref, *st.extras_ref)))
+        n_tokens = sum(t.shape[0] * t.shape[1] for t in x[:1])
+        vec = torch.cat([torch.stack(parts).double().cpu(), torch.tensor([float(n_tokens)], dtype=torch.float64), st.pending])
+        diff2, ref2, n_total, e_reuse, e_fit, e_norm = m.sync.reduce_sum(vec.to(x[0].device)).tolist()
+        st.pending.zero_()
+        st.err_reuse += e_reuse
+        st.err_fit += e_fit
+        st.err_norm += e_norm
+        delta = (diff2 / max(ref2, 1e-24)) ** 0.5
+        bound = self.tau * chi2_bound_factor(cfg.significance_level, max(int(n_total), 1))
+        if delta <= bound:
+            st.consecutive += 1
+            use_fit = self._use_fit(st)
+            return self._approximate(st, x, use_fit), ("A" if use_fit else "R"), 0.0
+        st.consecutive = 0
+        if self.motion_index is not None and 0 < len(self.static_index) and len(self.motion_index) > 0:
+            return self._compute_partial(st, call), "P", len(self.motion_index) / (len(self.motion_index) + len(self.static_index))
+        return self._compute(st, call), "C", 1.0
+
+    def _use_fit(self, st: _BlockState) -> bool:
+        if self.approximation == "reuse" or not st.maps[0].ready:
+            return False
+        if self.approximation == "fitted":
+            return True
+        return st.err_norm > 0 and st.err_fit < st.err_reuse  # auto: the better on held-out steps
+
+    def _approximate(self, st: _BlockState, x: Streams, use_fit: bool) -> Streams:
+        out = []
+        for k, (xk, ref, yref) in enumerate(zip(x, st.in_ref, st.out_ref)):
+            dx = xk - ref
+            y = yref + dx
+            if use_fit:
+                st.maps[k].solve(self.manager.sync)
+                y = y + st.maps[k].correction(dx)
+            out.append(y)
+        return tuple(out)
+
+    def _compute(self, st: _BlockState, call: BlockCall) -> Streams:
+        x, extras = call.streams, call.extras
+        out = self.manager.compute(call)
+        if st.in_ref is not None and all(r.shape == i.shape for r, i in zip(st.in_ref, x)):
+            dxs = [i - r for i, r in zip(x, st.in_ref)]
+            if st.maps[0].ready and self.approximation != "reuse":
+                # held-out check: both predictors, fitted on earlier steps only, vs the truth
+                e_reuse = e_fit = norm = 0.0
+                for k, (dx, o, oref, xk) in enumerate(zip(dxs, out, st.out_ref, x)):
+                    st.maps[k].solve(self.manager.sync)
+                    r = o - oref - dx  # ΔR: what reuse gets wrong
+                    base = -r
+                    e_reuse += base.float().pow(2).sum()
+                    e_fit += (base + st.maps[k].correction(dx)).float().pow(2).sum()
+                    norm += (o - xk).float().pow(2).sum()  # errors relative to the block's residual
+                st.pending += torch.stack([torch.as_tensor(e_reuse), torch.as_tensor(e_fit), torch.as_tensor(norm)]).double().cpu()
+            for k, (dx, o, oref) in enumerate(zip(dxs, out, st.out_ref)):
+                st.maps[k].observe(dx, o - oref - dx)
+        st.in_ref, st.extras_ref, st.out_ref = tuple(x), tuple(extras), list(out)
+        return out
+
+    def _compute_partial(self, st: _BlockState, call: BlockCall) -> Streams:
+        x = call.streams
+        idx, static = self.motion_index, self.static_index
+        use_fit = self._use_fit(st)
+        approx = self._approximate(st, x, use_fit)
+        out = list(self.manager.compute_token_subset(call, idx))
+        out[0][:, static] = approx[0][:, static]
+        # references move only where we computed
+        in_ref, out_ref = list(st.in_ref), list(st.out_ref)
+        in_ref[0] = in_ref[0].clone()
+        out_ref[0] = out_ref[0].clone()
+        in_ref[0][:, idx] = x[0][:, idx]
+        out_ref[0][:, idx] = out[0][:, idx]
+        st.in_ref, st.out_ref = tuple(in_ref), out_ref
+        st.extras_ref = tuple(call.extras)
+        return tuple(out)
+
+    def held_out_errors(self) -> dict[int, dict[str, float]]:
+        """Relative held-out error of residual reuse vs the fitted map, per block."""
+        out = {}
+        for b, st in enumerate(self.blocks):
+            if st.err_norm > 0:
+                out[b] = {
+                    "reuse_rel_error": (st.err_reuse / st.err_norm) ** 0.5,
+                    "fitted_rel_error": (st.err_fit / st.err_norm) ** 0.5,
+                    "chosen": "fitted" if self._use_fit(st) else "reuse",
+                }
+        return out

@@ -1,0 +1,87 @@
+"""TeaCache (``Tea``).
+
+Before block 0, measure the relative L1 change of block 0's timestep-modulated input against
+the previous step, map it through the model's rescaling polynomial (published TeaCache
+coefficients, or ones fitted by ``python -m xfuser.model_executor.cache.calibrate``), clamp it
+at 0 (a change indicator cannot be negative; some published polynomials dip below 0 near 0),
+and accumulate. While the sum stays below ``cache_ratio_threshold`` the whole stack is
+skipped: the output is this step's stack input plus the cached stack residual. The first and
+last steps always compute; computing resets the sum.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from xfuser.logger import init_logger
+from xfuser.model_executor.cache.adapters.base import BlockCall, Streams
+from xfuser.model_executor.cache.methods.base import CacheMethod
+
+logger = init_logger(__name__)
+
+IDENTITY = (1.0, 0.0)
+
+
+class TeaCache(CacheMethod):
+    name = "Tea"
+
+    def __init__(self, manager) -> None:
+        super().__init__(manager)
+        coefficients = getattr(self.config, "tea_coefficients", None) or manager.adapter.tea_coefficients
+        if coefficients is None:
+            logger.warning(
+                "no TeaCache coefficients for %s: using the identity rescale %s; fit real ones with "
+                "`python -m xfuser.model_executor.cache.calibrate --model ... --out coeffs.json` and pass "
+                "them as tea_coefficients",
+                manager.adapter.family,
+                IDENTITY,
+            )
+            coefficients = IDENTITY
+        self.coefficients = tuple(float(c) for c in coefficients)
+        self.rescale = np.poly1d(self.coefficients)
+
+    def reset(self) -> None:
+        self.prev_modulated: torch.Tensor | None = None
+        self.accumulated = 0.0
+        self.stack_in: Streams | None = None  # stack input of the current step
+        self.in_ref: Streams | None = None  # stack input at the last computed step
+        self.out_ref: Streams | None = None  # stack output at that step
+        self.skip = False
+        self.consecutive = 0
+
+    def run_block(self, index: int, call: BlockCall) -> tuple[Streams, str, float]:
+        m = self.manager
+        last = index == m.num_blocks - 1
+        if index == 0:
+            modulated = m.adapter.modulated_input(call)
+            if self.prev_modulated is not None:
+                sums = torch.stack(
+                    [(modulated - self.prev_modulated).abs().float().sum(), self.prev_modulated.abs().float().sum()]
+                )
+                num, den = m.sync.reduce_sum(sums).tolist()
+                change = num / max(den, 1e-12)
+                self.accumulated += max(float(self.rescale(change)), 0.0)
+                m.stats.metric("modulated_input_change", change)
+            m.stats.metric("accumulated", self.accumulated)
+            self.prev_modulated = modulated
+            self.skip = (
+                not m.forced_compute()
+                and self.out_ref is not None
+                and m.may_skip(self.consecutive)
+                and self.accumulated < self.config.cache_ratio_threshold
+            )
+            if self.skip:
+                self.consecutive += 1
+            else:
+                self.consecutive = 0
+                self.accumulated = 0.0
+            self.stack_in = call.streams
+        if self.skip:
+            if not last:
+                return call.streams, "R", 0.0
+            # out_ref + (x - x_ref) == x + cached residual, exact when the input repeats
+            return tuple(o + (x - r) for o, x, r in zip(self.out_ref, self.stack_in, self.in_ref)), "R", 0.0
+        out = m.compute(call)
+        if last:
+            self.in_ref, self.out_ref = self.stack_in, out
+        return out, "C", 1.0

@@ -1,0 +1,93 @@
+"""Per-generation cache statistics, returned as plain data (JSON-ready).
+
+Actions per (step, block): ``C`` computed, ``R`` reused a cached residual (or passed
+through inside a reused stack), ``A`` replaced by the fitted linear approximation, ``P``
+computed for the motion tokens only. The FLOP estimate weights each block by its parameter
+count (linear layers dominate a DiT block) and a partial block by its computed token
+fraction; it ignores the K/V projections a partial block still computes for every token,
+so it slightly overstates what token reduction saves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIONS = ("C", "R", "A", "P")
+
+
+@dataclass
+class CacheStatistics:
+    method: str
+    num_blocks: int
+    block_weights: list[float]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    approximation: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def begin_step(self, step: int, t: float | None) -> None:
+        self.steps.append(
+            {"step": step, "t": t, "actions": ["C"] * self.num_blocks, "token_fraction": [1.0] * self.num_blocks, "metrics": {}}
+        )
+
+    def record(self, block: int, action: str, token_fraction: float = 1.0) -> None:
+        if not self.steps:
+            self.begin_step(0, None)
+        current = self.steps[-1]
+        current["actions"][block] = action
+        current["token_fraction"][block] = token_fraction
+
+    def metric(self, name: str, value: float) -> None:
+        if self.steps:
+            self.steps[-1]["metrics"][name] = value
+
+    def decision_log(self) -> list[tuple]:
+        return [(s["step"], "".join(s["actions"]), tuple(round(f, 6) for f in s["token_fraction"])) for s in self.steps]
+
+    def summary(self) -> dict[str, Any]:
+        per_block = []
+        total_weight = sum(self.block_weights) * max(len(self.steps), 1)
+        computed_weight = 0.0
+        evaluations = hits = 0
+        for b in range(self.num_blocks):
+            counts = {a: 0 for a in ACTIONS}
+            fractions = []
+            for s in self.steps:
+                a = s["actions"][b]
+                counts[a] += 1
+                frac = s["token_fraction"][b] if a in ("C", "P") else 0.0
+                fractions.append(frac)
+                computed_weight += self.block_weights[b] * frac
+                evaluations += 1
+                hits += a != "C"
+            per_block.append(
+                {
+                    "block": b,
+                    "computed": counts["C"],
+                    "reused": counts["R"],
+                    "approximated": counts["A"],
+                    "partial": counts["P"],
+                    "mean_token_fraction": sum(fractions) / len(fractions) if fractions else 1.0,
+                    **({"approximation": self.approximation[b]} if b in self.approximation else {}),
+                }
+            )
+        per_step = [
+            {
+                "step": s["step"],
+                "t": s["t"],
+                "actions": "".join(s["actions"]),
+                "computed_blocks": sum(a == "C" for a in s["actions"]),
+                "token_fraction": s["token_fraction"],
+                **s["metrics"],
+            }
+            for s in self.steps
+        ]
+        compute_fraction = computed_weight / total_weight if total_weight else 1.0
+        return {
+            "method": self.method,
+            "num_steps": len(self.steps),
+            "num_blocks": self.num_blocks,
+            "hit_ratio": hits / evaluations if evaluations else 0.0,
+            "compute_fraction": compute_fraction,
+            "flops_skipped_fraction": 1.0 - compute_fraction,
+            "per_block": per_block,
+            "per_step": per_step,
+        }

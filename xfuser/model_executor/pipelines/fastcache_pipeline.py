@@ -1,0 +1,113 @@
+"""``xFuserFastCachePipelineWrapper``: turn caching on for any supported diffusers pipeline.
+
+    wrapper = xFuserFastCachePipelineWrapper(pipe)
+    wrapper.enable_fastcache(cache_ratio_threshold=0.05, motion_threshold=0.1)
+    image = wrapper(prompt="...", num_inference_steps=20).images[0]
+    stats = wrapper.get_cache_statistics()
+
+The wrapper never patches the pipeline class (a second engine in the same process would
+inherit it); it installs a :class:`CacheManager` on this pipeline's transformer instance and
+resets it at the start of every call, so two identical calls give identical images.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from xfuser.config.config import CacheConfig, ConfigError
+from xfuser.logger import init_logger
+from xfuser.model_executor.cache.adapters.base import BlockAdapter, adapter_for
+from xfuser.model_executor.cache.manager import CacheManager
+from xfuser.model_executor.cache.sync import SyncGroup
+
+logger = init_logger(__name__)
+
+
+def _transformer_of(pipe) -> Any:
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise ValueError(f"{type(pipe).__name__} has no `transformer`: only DiT pipelines can be cached")
+    return transformer
+
+
+def check_method_supported(transformer, config: CacheConfig) -> BlockAdapter:
+    """Raise before any compute when the model cannot run ``config.method``."""
+    try:
+        adapter = adapter_for(transformer)
+    except ValueError as exc:
+        raise ConfigError(f"--cache_method {config.method}: {exc}") from exc
+    if config.method == "Tea" and type(adapter).modulated_input is BlockAdapter.modulated_input:
+        raise ConfigError(
+            f"--cache_method Tea is not supported for {type(transformer).__name__}: its adapter has no "
+            "timestep-modulated input; use Fast or Fb"
+        )
+    return adapter
+
+
+def default_num_steps(pipe) -> int | None:
+    param = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+    return None if param is None or param.default is inspect.Parameter.empty else int(param.default)
+
+
+class xFuserFastCachePipelineWrapper:  # noqa: N801 - public name fixed by the seed API
+    """Wraps a diffusers DiT pipeline; attribute access falls through to the pipeline."""
+
+    def __init__(self, pipe, sync: SyncGroup | None = None) -> None:
+        self.pipe = pipe
+        self.sync = sync
+        self.manager: CacheManager | None = None
+        self.cache_config: CacheConfig | None = None
+
+    # ------------------------------------------------------------------ enabling
+    def enable_fastcache(
+        self,
+        cache_ratio_threshold: float = 0.05,
+        motion_threshold: float = 0.1,
+        significance_level: float = 0.05,
+        **kwargs: Any,
+    ) -> "xFuserFastCachePipelineWrapper":
+        """FastCache with the seed's knobs (see docs/methods/fastcache.md for their effect)."""
+        return self.enable_cache(
+            "Fast",
+            cache_ratio_threshold=cache_ratio_threshold,
+            motion_threshold=motion_threshold,
+            significance_level=significance_level,
+            **kwargs,
+        )
+
+    def enable_cache(self, method: str | None = "Fast", **kwargs: Any) -> "xFuserFastCachePipelineWrapper":
+        """Enable ``method`` (``Fast``, ``Fb``, ``Tea`` or ``None``); keyword arguments are
+        :class:`CacheConfig` fields. Everything is validated before the next call computes."""
+        config = kwargs.pop("config", None) or CacheConfig(method=method, **kwargs)
+        transformer = _transformer_of(self.pipe)
+        check_method_supported(transformer, config)
+        self.disable_cache()
+        self.cache_config = config
+        self.manager = CacheManager(transformer, config, sync=self.sync).install()
+        logger.info("cache %s enabled on %s (%d blocks)", config.method, type(transformer).__name__, self.manager.num_blocks)
+        return self
+
+    def disable_cache(self) -> None:
+        """Restore the original blocks; later calls run uncached."""
+        if self.manager is not None:
+            self.manager.uninstall()
+        self.manager = None
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.manager is not None:
+            steps = kwargs.get("num_inference_steps", default_num_steps(self.pipe))
+            self.manager.reset(steps)
+        result = self.pipe(*args, **kwargs)
+        if self.manager is not None and self.manager.debug_agreement:
+            self.manager.sync.verify_same(self.manager.decision_log())
+        return result
+
+    def get_cache_statistics(self) -> dict[str, Any]:
+        """Plain-data statistics of the last call (empty dict when caching is off)."""
+        return self.manager.statistics() if self.manager is not None else {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "pipe":  # during unpickling / before __init__
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
