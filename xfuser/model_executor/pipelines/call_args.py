@@ -1,0 +1,54 @@
+"""Pipeline call arguments that work for small and large models alike.
+
+PixArt pipelines snap the requested size to an aspect-ratio table chosen by the
+transformer's ``sample_size`` and raise ``ValueError: Invalid sample size`` for any other
+``sample_size`` (a model trained at 64 px has none). We switch binning off exactly then, so
+hub models keep their behaviour and small models run at their native size.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+
+def accepts(pipe, name: str) -> bool:
+    return name in inspect.signature(type(pipe).__call__).parameters
+
+
+def native_size(pipe) -> tuple[int, int] | None:
+    """(height, width) in pixels the transformer was configured for, when it says."""
+    transformer = getattr(pipe, "transformer", None)
+    sample = getattr(getattr(transformer, "config", None), "sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if sample is None or scale is None:
+        return None
+    if isinstance(sample, (tuple, list)):
+        return int(sample[0]) * scale, int(sample[1]) * scale
+    return int(sample) * scale, int(sample) * scale
+
+
+# transformer sample sizes for which PixArt pipelines have an aspect-ratio table
+_BINNED_SAMPLE_SIZES = (32, 64, 128, 256)
+
+
+def binning_supported(pipe) -> bool:
+    """False when the pipeline's resolution binning would raise for this transformer."""
+    return getattr(pipe.transformer.config, "sample_size", None) in _BINNED_SAMPLE_SIZES
+
+
+def prepare_call_kwargs(pipe, height: int | None = None, width: int | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Fill height/width (the model's native size when not given) and disable resolution
+    binning where the size is outside the pipeline's table."""
+    native = native_size(pipe)
+    if height is None and native is not None:
+        height = native[0]
+    if width is None and native is not None:
+        width = native[1]
+    if height is not None:
+        kwargs["height"] = height
+    if width is not None:
+        kwargs["width"] = width
+    if accepts(pipe, "use_resolution_binning") and "use_resolution_binning" not in kwargs and height and width:
+        if not binning_supported(pipe):
+            kwargs["use_resolution_binning"] = False
+    return kwargs
