@@ -1,0 +1,89 @@
+"""Configuration: CLI parsing and every validation error, before anything loads."""
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+
+from xfuser.config import CacheConfig, ConfigError, xFuserArgs
+
+
+def parse(argv: list[str]) -> xFuserArgs:
+    parser = xFuserArgs.add_cli_args(argparse.ArgumentParser())
+    return xFuserArgs.from_cli_args(parser.parse_args(argv))
+
+
+BAD = [
+    # (args, world size, flag the message must name)
+    (dict(ulysses_degree=2), 1, "--ulysses_degree"),
+    (dict(ulysses_degree=2, use_cfg_parallel=True, guidance_scale=4.5), 2, "world size is 2"),
+    (dict(data_parallel_degree=0), 1, "--data_parallel_degree"),
+    (dict(ring_degree=-1), 1, "--ring_degree"),
+    (dict(cache_ratio_threshold=-0.1), 1, "--cache_ratio_threshold"),
+    (dict(cache_ratio_threshold=math.nan), 1, "--cache_ratio_threshold"),
+    (dict(motion_threshold=math.inf), 1, "--motion_threshold"),
+    (dict(significance_level=0.0), 1, "--significance_level"),
+    (dict(significance_level=1.5), 1, "--significance_level"),
+    (dict(cache_method="Foo"), 1, "--cache_method"),
+    (dict(num_inference_steps=0), 1, "--num_inference_steps"),
+    (dict(pipefusion_parallel_degree=2, num_pipeline_patch=1), 2, "--num_pipeline_patch"),
+    (dict(pipefusion_parallel_degree=2, attn_layer_num_for_pp=[4]), 2, "--attn_layer_num_for_pp"),
+    (dict(height=-64), 1, "--height"),
+    (dict(use_cfg_parallel=True, guidance_scale=1.0), 2, "--guidance_scale"),
+    (dict(pipefusion_parallel_degree=2, warmup_steps=30, num_inference_steps=20), 2, "--warmup_steps"),
+    (dict(cache_warmup_steps=-1), 1, "--cache_warmup_steps"),
+    (dict(cache_warmup_steps=20, num_inference_steps=20), 1, "--cache_warmup_steps"),
+    (dict(max_cached_steps=-5), 1, "--max_cached_steps"),
+    (dict(pipefusion_parallel_degree=2, height=100, num_pipeline_patch=3), 2, "--height"),
+    (dict(data_parallel_degree=2, prompt=["a", "b", "c"]), 2, "--data_parallel_degree"),
+    (dict(dtype="float8"), 1, "--dtype"),
+    (dict(tea_coefficients="/nonexistent/coeffs.json"), 1, "--tea_coefficients"),
+    (dict(collective_timeout=0.0), 1, "--collective_timeout"),
+]
+
+
+@pytest.mark.parametrize("kwargs,world,flag", BAD, ids=[str(b[0]) for b in BAD])
+def test_bad_input_raises_naming_the_flag(kwargs, world, flag):
+    with pytest.raises(ConfigError) as info:
+        xFuserArgs(**kwargs).create_config(world_size=world)
+    assert flag in str(info.value)
+
+
+def test_dash_and_underscore_spellings_are_the_same_flag():
+    a = parse(["--ulysses_degree", "2", "--cache_ratio_threshold", "0.1", "--use_cfg_parallel", "--num_inference_steps", "7"])
+    b = parse(["--ulysses-degree", "2", "--cache-ratio-threshold", "0.1", "--use-cfg-parallel", "--num-inference-steps", "7"])
+    assert a == b
+    assert a.ulysses_degree == 2 and a.use_cfg_parallel and a.num_inference_steps == 7
+
+
+def test_create_config_round_trip():
+    args = parse([
+        "--model", "some/dir", "--prompt", "p1", "p2", "--data_parallel_degree", "2", "--ulysses_degree", "2",
+        "--use_cfg_parallel", "--guidance_scale", "3", "--cache_method", "Tea", "--cache_ratio_threshold", "0.2",
+        "--max_cached_steps", "3", "--height", "256", "--width", "256",
+    ])
+    engine, inputs = args.create_config(world_size=8)
+    p, c = engine.parallel_config, engine.cache_config
+    assert (p.dp_degree, p.cfg_degree, p.ulysses_degree, p.ring_degree, p.pp_degree) == (2, 2, 2, 1, 1)
+    assert p.world_size == 8 and p.sp_degree == 2
+    assert c.method == "Tea" and c.cache_ratio_threshold == 0.2 and c.max_cached_steps == 3 and c.enabled
+    assert inputs.prompt == ["p1", "p2"] and inputs.batch_size == 2 and inputs.height == 256
+    assert engine.model_config.model == "some/dir"
+
+
+def test_defaults_are_the_embedded_model_and_fastcache():
+    engine, inputs = parse([]).create_config(world_size=1)
+    assert engine.model_config.model.endswith("assets/models/xfuser-shapes-pixart")
+    assert engine.cache_config.method == "Fast" and engine.cache_config.cache_ratio_threshold == 0.05
+    assert engine.parallel_config.world_size == 1 and inputs.num_inference_steps == 20
+
+
+@pytest.mark.parametrize("given,expected", [("fast", "Fast"), ("FB", "Fb"), ("tea", "Tea"), (None, "None"), ("none", "None")])
+def test_method_names_normalised(given, expected):
+    assert CacheConfig(method=given).method == expected
+
+
+def test_unknown_method_via_cli_is_rejected_by_argparse():
+    with pytest.raises(SystemExit):
+        parse(["--cache_method", "Foo"])

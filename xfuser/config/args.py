@@ -1,0 +1,173 @@
+"""``xFuserArgs``: xDiT's command-line flags -> validated (EngineConfig, InputConfig).
+
+Every flag is accepted as ``--flag_name`` and ``--flag-name``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from xfuser.config.config import (
+    CACHE_METHODS,
+    DTYPES,
+    CacheConfig,
+    ConfigError,
+    EngineConfig,
+    InputConfig,
+    ModelConfig,
+    ParallelConfig,
+    RuntimeConfig,
+    validate_engine_and_input,
+)
+from xfuser.config.defaults import default_model_path
+
+
+def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    flags = [f"--{name}"]
+    if "_" in name:
+        flags.append(f"--{name.replace('_', '-')}")
+    kwargs.setdefault("dest", name)
+    parser.add_argument(*flags, **kwargs)
+
+
+@dataclass
+class xFuserArgs:  # noqa: N801 - public name from xDiT
+    model: str = field(default_factory=default_model_path)
+    dtype: str = "float32"
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    prompt: list[str] = field(default_factory=lambda: ["a red circle on a blue background, top left"])
+    negative_prompt: str = ""
+    num_inference_steps: int = 20
+    guidance_scale: float | None = None
+    seed: int = 42
+    output_type: str = "pil"
+    max_sequence_length: int | None = None
+    warmup_steps: int = 1
+    data_parallel_degree: int = 1
+    use_cfg_parallel: bool = False
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    pipefusion_parallel_degree: int = 1
+    num_pipeline_patch: int | None = None
+    attn_layer_num_for_pp: list[int] | None = None
+    use_parallel_vae: bool = False
+    use_torch_compile: bool = False
+    collective_timeout: float = 300.0
+    cache_method: str = "Fast"
+    cache_ratio_threshold: float = 0.05
+    motion_threshold: float = 0.1
+    significance_level: float = 0.05
+    cache_warmup_steps: int = 1
+    max_cached_steps: int = -1
+    approximation: str = "auto"
+    tea_coefficients: str | None = None
+    debug_cache_agreement: bool = False
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        g = parser.add_argument_group("model and input")
+        _add(g, "model", default=default_model_path(), help="diffusers model dir or hub id (default: the embedded trained model)")
+        _add(g, "dtype", default="float32", choices=DTYPES, help="weights/compute dtype (float32)")
+        _add(g, "height", type=int, default=None, help="image height in pixels (default: model's native size)")
+        _add(g, "width", type=int, default=None, help="image width in pixels (default: model's native size)")
+        _add(g, "num_frames", type=int, default=None, help="frames (video models)")
+        _add(g, "prompt", nargs="+", default=["a red circle on a blue background, top left"], help="one or more prompts")
+        _add(g, "negative_prompt", default="", help="negative prompt")
+        _add(g, "num_inference_steps", type=int, default=20, help="denoising steps (20)")
+        _add(g, "guidance_scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+        _add(g, "seed", type=int, default=42, help="generator seed (42)")
+        _add(g, "output_type", default="pil", choices=["pil", "np", "pt", "latent"], help="output type (pil)")
+        _add(g, "max_sequence_length", type=int, default=None, help="text tokens (default: the pipeline's)")
+        p = parser.add_argument_group("parallelism")
+        _add(p, "warmup_steps", type=int, default=1, help="PipeFusion synchronous warm-up steps (1)")
+        _add(p, "data_parallel_degree", type=int, default=1, help="data-parallel replicas (1)")
+        _add(p, "use_cfg_parallel", action="store_true", help="cond/uncond branches on different ranks")
+        _add(p, "ulysses_degree", type=int, default=1, help="Ulysses sequence-parallel degree (1)")
+        _add(p, "ring_degree", type=int, default=1, help="Ring sequence-parallel degree (1)")
+        _add(p, "pipefusion_parallel_degree", type=int, default=1, help="PipeFusion stages (1)")
+        _add(p, "num_pipeline_patch", type=int, default=None, help="PipeFusion patches (default: the degree)")
+        _add(p, "attn_layer_num_for_pp", type=int, nargs="+", default=None, help="blocks per PipeFusion stage")
+        _add(p, "use_parallel_vae", action="store_true", help="patch-parallel VAE decode (distvae)")
+        _add(p, "use_torch_compile", action="store_true", help="torch.compile the transformer")
+        _add(p, "collective_timeout", type=float, default=300.0, help="seconds before a stuck collective raises (300)")
+        c = parser.add_argument_group("caching")
+        _add(c, "cache_method", default="Fast", choices=CACHE_METHODS, help="cache method (Fast)")
+        _add(c, "cache_ratio_threshold", type=float, default=0.05, help="main threshold of every method; larger skips more (0.05)")
+        _add(c, "motion_threshold", type=float, default=0.1, help="FastCache static-token threshold; 0 disables (0.1)")
+        _add(c, "significance_level", type=float, default=0.05, help="FastCache χ² test α; smaller skips more (0.05)")
+        _add(c, "cache_warmup_steps", type=int, default=1, help="first steps that always compute (1)")
+        _add(c, "max_cached_steps", type=int, default=-1, help="max consecutive cached steps, -1 = no cap (-1)")
+        _add(c, "approximation", default="auto", choices=["auto", "fitted", "reuse"], help="FastCache skipped-block map (auto)")
+        _add(c, "tea_coefficients", default=None, help="JSON file from the calibrate command (TeaCache)")
+        _add(c, "debug_cache_agreement", action="store_true", help="verify cache decisions match on all ranks")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> "xFuserArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+    def create_config(self, world_size: int | None = None) -> tuple[EngineConfig, InputConfig]:
+        """Validate everything and build the configs (no model is touched)."""
+        if world_size is None:
+            import torch.distributed as dist
+
+            world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        tea = None
+        if self.tea_coefficients:
+            from xfuser.model_executor.cache.calibrate import load_coefficients
+
+            try:
+                tea = load_coefficients(self.tea_coefficients)
+            except (OSError, KeyError, ValueError) as exc:
+                raise ConfigError(f"--tea_coefficients {self.tea_coefficients}: cannot read coefficients ({exc})") from exc
+        parallel = ParallelConfig(
+            dp_degree=self.data_parallel_degree,
+            cfg_degree=2 if self.use_cfg_parallel else 1,
+            ulysses_degree=self.ulysses_degree,
+            ring_degree=self.ring_degree,
+            pp_degree=self.pipefusion_parallel_degree,
+            num_pipeline_patch=self.num_pipeline_patch,
+            attn_layer_num_for_pp=self.attn_layer_num_for_pp,
+            use_parallel_vae=self.use_parallel_vae,
+        )
+        parallel.validate_world_size(world_size)
+        engine = EngineConfig(
+            model_config=ModelConfig(self.model, self.dtype),
+            runtime_config=RuntimeConfig(
+                warmup_steps=self.warmup_steps,
+                use_torch_compile=self.use_torch_compile,
+                collective_timeout_s=self.collective_timeout,
+                debug_cache_agreement=self.debug_cache_agreement,
+            ),
+            parallel_config=parallel,
+            cache_config=CacheConfig(
+                method=self.cache_method,
+                cache_ratio_threshold=self.cache_ratio_threshold,
+                motion_threshold=self.motion_threshold,
+                significance_level=self.significance_level,
+                cache_warmup_steps=self.cache_warmup_steps,
+                max_cached_steps=self.max_cached_steps,
+                approximation=self.approximation,
+                tea_coefficients=tea,
+                debug_cache_agreement=self.debug_cache_agreement,
+            ),
+        )
+        inputs = InputConfig(
+            prompt=list(self.prompt),
+            negative_prompt=self.negative_prompt,
+            height=self.height,
+            width=self.width,
+            num_frames=self.num_frames,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+            output_type=self.output_type,
+            max_sequence_length=self.max_sequence_length,
+        )
+        validate_engine_and_input(engine, inputs)
+        return engine, inputs
