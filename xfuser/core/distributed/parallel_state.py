@@ -29,7 +29,7 @@ from xfuser.logger import init_logger
 
 logger = init_logger(__name__)
 
-GROUP_KINDS = ("dp", "cfg", "pp", "sp", "ulysses", "ring", "replica")
+GROUP_KINDS = ("dp", "cfg", "pp", "sp", "ulysses", "ring", "cfg_sp", "replica")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class RankLayout:
             "sp": ("ring", "ulysses"),
             "ulysses": ("ulysses",),
             "ring": ("ring",),
+            "cfg_sp": ("cfg", "ring", "ulysses"),
             "replica": ("cfg", "pp", "ring", "ulysses"),
         }[kind]
         fixed = [d for d in ("dp", "cfg", "pp", "ring", "ulysses") if d not in varying]
@@ -256,6 +257,12 @@ def get_ring_group() -> GroupCoordinator:
     return _get("ring")
 
 
+def get_cfg_sp_group() -> GroupCoordinator:
+    """CFG x SP peers of one pipeline stage: the ranks that share each block's forward, hence
+    the sync group of cache decisions."""
+    return _get("cfg_sp")
+
+
 def get_replica_group() -> GroupCoordinator:
     """All ranks that together compute one replica's forward pass (cfg x pp x sp)."""
     return _get("replica")
@@ -270,6 +277,9 @@ def destroy_model_parallel() -> None:
     on gloo, destroying while sub-group handles are alive can abort the process at exit."""
     if _state.layout is not None and _state.layout.sp > 1:
         _set_yunchang_groups(None, None)
+        from xfuser.core.attention.usp import reset_usp_layers
+
+        reset_usp_layers()
     for coordinator in _state.coordinators.values():
         coordinator.group = None
     _state.coordinators = {}

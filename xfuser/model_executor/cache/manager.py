@@ -61,6 +61,7 @@ class CacheManager:
         ) not in ("", "0")
         self._installed = False
         self._hook = None
+        self.sequence_shard = None  # set by the USP runner: splits/gathers the streams
         self.reset()
 
     # ------------------------------------------------------------------ lifecycle
@@ -140,8 +141,12 @@ class CacheManager:
         if self.step < 0:
             self.begin_step(None)
         call = self.adapter.bind(block, args, kwargs)
+        if self.sequence_shard is not None:
+            call = self.sequence_shard.shard(call, index)
         streams, action, fraction = self.method.run_block(index, call)
         self.stats.record(index, action, fraction)
+        if self.sequence_shard is not None and index == self.num_blocks - 1:
+            streams = self.sequence_shard.gather(streams)
         if index == self.num_blocks - 1 and self.debug_agreement:
             self.sync.verify_same(self.stats.decision_log()[-1:], f"cache decisions of step {self.step}")
         return self.adapter.pack_output(streams)

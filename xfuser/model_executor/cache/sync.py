@@ -14,12 +14,26 @@ import torch
 
 
 class SyncGroup:
-    """Single-process sync group: every reduction is the identity."""
+    """Single-process sync group: every reduction is the identity.
+
+    Three scopes: the whole group (``reduce_sum``: all ranks of one forward), the *batch*
+    peers (``reduce_batch``: CFG ranks holding other samples of the same tokens) and the
+    *sequence* peers (``seq_counts``: SP ranks holding other tokens of the same samples).
+    """
 
     world_size: int = 1
+    batch_world: int = 1
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def reduce_batch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks that hold the same tokens of other batch entries."""
+        return tensor
+
+    def seq_counts(self, count: int, device: torch.device | None = None) -> list[int]:
+        """Every sequence peer's value of ``count`` (in sequence-rank order)."""
+        return [count]
 
     def gather_objects(self, obj) -> list:
         return [obj]
@@ -39,11 +53,26 @@ class SyncGroup:
 
 
 class CoordinatorSync(SyncGroup):
-    """Sync group backed by one :class:`GroupCoordinator` (e.g. SP x CFG peers)."""
+    """Sync group backed by coordinators: ``coordinator`` spans every rank of the forward
+    (SP x CFG), ``batch`` the CFG peers, ``seq`` the SP peers (either may be None)."""
 
-    def __init__(self, coordinator) -> None:
+    def __init__(self, coordinator, batch=None, seq=None) -> None:
         self.coordinator = coordinator
+        self.batch = batch
+        self.seq = seq
         self.world_size = coordinator.world_size
+        self.batch_world = batch.world_size if batch is not None else 1
+
+    def reduce_batch(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.batch is None or self.batch.world_size == 1:
+            return tensor
+        return self.batch.all_reduce(tensor.clone())
+
+    def seq_counts(self, count: int, device: torch.device | None = None) -> list[int]:
+        if self.seq is None or self.seq.world_size == 1:
+            return [count]
+        gathered = self.seq.all_gather(torch.tensor([count], dtype=torch.int64, device=device or self.seq.device))
+        return [int(c) for c in gathered.tolist()]
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:

@@ -68,6 +68,10 @@ class BlockAdapter:
     #: published TeaCache rescaling polynomial (highest power first), if any
     tea_coefficients: ClassVar[Sequence[float] | None] = None
     supports_token_subset: ClassVar[bool] = False
+    #: streams split across sequence-parallel ranks (the rest are replicated)
+    sp_split_streams: ClassVar[tuple[str, ...]] = ("hidden_states",)
+    #: whether USP (sequence parallel) is implemented for this family
+    supports_sequence_parallel: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._signatures: dict[type, inspect.Signature] = {}
@@ -84,6 +88,12 @@ class BlockAdapter:
         if not out:
             raise ValueError(f"{type(transformer).__name__} has none of the block lists {self.block_lists}")
         return out
+
+    def iter_blocks(self, transformer: nn.Module):
+        """(index, real block) in execution order, looking through cache wrappers."""
+        for index, (blocks, position) in enumerate(self.blocks(transformer)):
+            block = blocks[position]
+            yield index, getattr(block, "block", block)
 
     def bind(self, block: nn.Module, args: tuple, kwargs: dict) -> BlockCall:
         sig = self._signatures.get(type(block))
@@ -124,6 +134,17 @@ class BlockAdapter:
     def modulated_input(self, call: BlockCall) -> torch.Tensor:
         """The timestep-modulated, normalised input of the block (TeaCache's indicator)."""
         raise NotImplementedError(f"{self.family}: TeaCache indicator not implemented")
+
+    # ------------------------------------------------------------------ sequence parallel
+    def num_heads(self, transformer: nn.Module) -> int:
+        return int(transformer.config.num_attention_heads)
+
+    def install_usp_processors(self, transformer: nn.Module) -> None:
+        """Route the self-attention of every block through USP."""
+        raise NotImplementedError(f"{self.family}: sequence parallel not implemented")
+
+    def shard_block_kwargs(self, call: BlockCall, rank: int, world: int, full_lengths: dict[str, int]) -> None:
+        """Slice per-token call arguments other than the streams (e.g. rotary embeddings)."""
 
     def run_token_subset(self, call: BlockCall, index: torch.Tensor) -> Streams:
         """Compute the block for tokens ``index`` of the first stream only, attending to the

@@ -19,5 +19,27 @@ class FluxAdapter(BlockAdapter):
     # TeaCache, FLUX.1-dev (ali-vilab/TeaCache): highest power first
     tea_coefficients = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
 
+    supports_sequence_parallel = True
+    sp_split_streams = ("hidden_states", "encoder_hidden_states")  # joint attention: split both
+
+    def install_usp_processors(self, transformer) -> None:
+        from xfuser.model_executor.layers.usp_attention import USPFluxAttnProcessor
+
+        for _, block in self.iter_blocks(transformer):
+            block.attn.set_processor(USPFluxAttnProcessor())
+
+    def shard_block_kwargs(self, call: BlockCall, rank: int, world: int, full_lengths: dict[str, int]) -> None:
+        rope = call.arg("image_rotary_emb")
+        if rope is None:
+            return
+        n_text, n_image = full_lengths["encoder_hidden_states"], full_lengths["hidden_states"]
+        t, i = n_text // world, n_image // world
+
+        def local(x: torch.Tensor) -> torch.Tensor:
+            # rotary rows follow the joint order [text; image]; keep this rank's rows of each
+            return torch.cat([x[rank * t:(rank + 1) * t], x[n_text + rank * i:n_text + (rank + 1) * i]])
+
+        call.bound.arguments["image_rotary_emb"] = tuple(local(x) for x in rope) if isinstance(rope, tuple) else local(rope)
+
     def modulated_input(self, call: BlockCall) -> torch.Tensor:
         return call.block.norm1(call.arg("hidden_states"), emb=call.arg("temb"))[0]

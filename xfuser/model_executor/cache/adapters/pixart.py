@@ -23,6 +23,14 @@ class PixArtAdapter(BlockAdapter):
     timestep_arg = "timestep"
     timestep_max = 1000.0
     supports_token_subset = True
+    supports_sequence_parallel = True
+    sp_split_streams = ("hidden_states",)  # text is cross-attention context: replicated
+
+    def install_usp_processors(self, transformer) -> None:
+        from xfuser.model_executor.layers.usp_attention import USPSelfAttnProcessor
+
+        for _, block in self.iter_blocks(transformer):
+            block.attn1.set_processor(USPSelfAttnProcessor())
 
     def modulated_input(self, call: BlockCall) -> torch.Tensor:
         shift_msa, scale_msa, *_ = _modulation(call)

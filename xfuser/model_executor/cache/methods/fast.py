@@ -73,6 +73,7 @@ class FastCache(CacheMethod):
         self.tau = self.config.cache_ratio_threshold
         self.static_index: torch.Tensor | None = None
         self.motion_index: torch.Tensor | None = None
+        self.motion_fraction = 1.0
 
     # ------------------------------------------------------------------ per step
     def _start_step(self, call: BlockCall) -> None:
@@ -84,12 +85,14 @@ class FastCache(CacheMethod):
             diff = (x - self.prev_stack_in).float().pow(2).sum(-1)  # (B, N) squared change per token
             ref = self.prev_stack_in.float().pow(2).sum(-1).clamp_min(1e-12)
             rel = (diff / ref).sqrt()
-            saliency = diff.sum(0)  # (N,)
+            # per-token saliency summed over the batch; CFG peers hold the other batch entries
+            saliency = m.sync.reduce_batch(diff.sum(0))  # (N_local,)
+            n_local = float(saliency.numel())
             sums = torch.stack(
-                [saliency.sum(), torch.tensor(float(saliency.numel()), device=x.device), rel.sum(), rel.pow(2).sum(), torch.tensor(float(rel.numel()), device=x.device)]
+                [diff.sum(), torch.tensor(n_local, device=x.device), rel.sum(), rel.pow(2).sum(), torch.tensor(float(rel.numel()), device=x.device)]
             ).double()
             s_sum, n_tok, r_sum, r2_sum, r_cnt = m.sync.reduce_sum(sums).tolist()
-            mean_s = s_sum / n_tok
+            mean_s = s_sum / (n_tok / m.sync.batch_world)  # token positions, not (token, CFG-rank) pairs
             s_var = max(r2_sum / r_cnt - (r_sum / r_cnt) ** 2, 0.0)
             b0, b1, b2, b3 = cfg.betas
             t = m.t_norm if m.t_norm is not None else 0.0
@@ -97,10 +100,27 @@ class FastCache(CacheMethod):
             m.stats.metric("tau", self.tau)
             m.stats.metric("s_var", s_var)
             if cfg.motion_threshold > 0 and m.adapter.supports_token_subset and not m.forced_compute():
-                static = saliency <= cfg.motion_threshold * mean_s
-                self.static_index = static.nonzero().flatten()
-                self.motion_index = (~static).nonzero().flatten()
+                self._select_tokens(saliency <= cfg.motion_threshold * mean_s)
         self.prev_stack_in = x
+
+    def _select_tokens(self, static: torch.Tensor) -> None:
+        """Motion/static split, padded so every SP rank computes the same number of query rows
+        (the Ulysses exchange needs equal shapes); padding rows are static tokens (or repeats),
+        whose computed values are overwritten by the approximation afterwards."""
+        m = self.manager
+        motion = (~static).nonzero().flatten()
+        self.motion_rows = motion  # the real motion tokens: only they move the references
+        counts = m.sync.seq_counts(len(motion), device=static.device)
+        total_motion, n_tokens = sum(counts), len(static) * len(counts)
+        if total_motion == 0 or total_motion == n_tokens:
+            return  # nothing to reduce, or nothing static: compute whole blocks
+        target = max(counts)
+        if len(motion) < target:
+            pool = torch.cat([motion, static.nonzero().flatten()])
+            motion = torch.cat([motion, pool[: target - len(motion)]])
+        self.motion_index = motion
+        self.static_index = static.nonzero().flatten()
+        self.motion_fraction = total_motion / n_tokens
 
     # ------------------------------------------------------------------ per block
     def run_block(self, index: int, call: BlockCall) -> tuple[Streams, str, float]:
@@ -129,8 +149,8 @@ class FastCache(CacheMethod):
             use_fit = self._use_fit(st)
             return self._approximate(st, x, use_fit), ("A" if use_fit else "R"), 0.0
         st.consecutive = 0
-        if self.motion_index is not None and 0 < len(self.static_index) and len(self.motion_index) > 0:
-            return self._compute_partial(st, call), "P", len(self.motion_index) / (len(self.motion_index) + len(self.static_index))
+        if self.motion_index is not None:
+            return self._compute_partial(st, call), "P", self.motion_fraction
         return self._compute(st, call), "C", 1.0
 
     def _use_fit(self, st: _BlockState) -> bool:
@@ -183,8 +203,9 @@ class FastCache(CacheMethod):
         in_ref, out_ref = list(st.in_ref), list(st.out_ref)
         in_ref[0] = in_ref[0].clone()
         out_ref[0] = out_ref[0].clone()
-        in_ref[0][:, idx] = x[0][:, idx]
-        out_ref[0][:, idx] = out[0][:, idx]
+        rows = self.motion_rows
+        in_ref[0][:, rows] = x[0][:, rows]
+        out_ref[0][:, rows] = out[0][:, rows]
         st.in_ref, st.out_ref = tuple(in_ref), out_ref
         st.extras_ref = tuple(call.extras)
         return tuple(out)

@@ -1,0 +1,176 @@
+"""``xDiTParallel``: run a diffusers DiT pipeline under the parallel + cache configuration.
+
+    engine, inputs = xFuserArgs.from_cli_args(ns).create_config()
+    runner = xDiTParallel(pipe, engine, inputs)
+    output = runner()            # every rank runs; images are complete on every rank of a replica
+    runner.save("results")       # the replica's output rank writes its images
+
+Per rank, the transformer is prepared once: CFG split hooks (cfg degree 2), USP attention
+processors + sequence sharding on the block path (SP degree > 1), and a CacheManager whose
+sync group is this rank's CFG x SP peers, so every cache decision is taken on reduced metrics
+and is identical on every rank that shares a forward. Data parallel gives each replica its
+share of the prompts. The denoising loop is the pipeline's own, shared by every model.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xfuser.config.config import ConfigError, EngineConfig, InputConfig
+from xfuser.core.distributed import (
+    get_cfg_group,
+    get_cfg_sp_group,
+    get_dp_group,
+    get_sp_group,
+    init_distributed_environment,
+    initialize_model_parallel,
+    local_device,
+    model_parallel_is_initialized,
+)
+from xfuser.logger import init_logger
+from xfuser.model_executor.cache.manager import CacheManager
+from xfuser.model_executor.cache.sync import CoordinatorSync
+from xfuser.model_executor.models.cfg_parallel import CFGSplit
+from xfuser.model_executor.models.sequence_parallel import SequenceShard, check_sequence_parallel
+from xfuser.model_executor.pipelines.call_args import accepts, prepare_call_kwargs
+from xfuser.model_executor.pipelines.fastcache_pipeline import check_method_supported
+
+logger = init_logger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _has_cfg(pipe) -> bool:
+    return accepts(pipe, "guidance_scale") and accepts(pipe, "negative_prompt") and not hasattr(pipe.transformer.config, "guidance_embeds")
+
+
+class xDiTParallel:  # noqa: N801 - public name from xDiT
+    def __init__(self, pipe, engine_config: EngineConfig, input_config: InputConfig) -> None:
+        self.pipe = pipe
+        self.engine = engine_config
+        self.inputs = input_config
+        p = engine_config.parallel_config
+        if p.pp_degree > 1:
+            raise ConfigError("--pipefusion_parallel_degree > 1: PipeFusion is not available in this build yet")
+        if p.use_parallel_vae:
+            raise ConfigError("--use_parallel_vae is not available in this build yet")
+        transformer = pipe.transformer
+        adapter = check_method_supported(transformer, engine_config.cache_config)
+        if p.sp_degree > 1:
+            check_sequence_parallel(adapter, transformer, p.ulysses_degree)
+        if p.cfg_degree > 1:
+            if not _has_cfg(pipe):
+                raise ConfigError(f"--use_cfg_parallel: {type(pipe).__name__} does not use classifier-free guidance")
+            if input_config.guidance_scale is not None and input_config.guidance_scale <= 1.0:
+                raise ConfigError("--use_cfg_parallel needs --guidance_scale > 1")
+        self._check_token_counts(adapter)
+
+        init_distributed_environment(timeout_s=engine_config.runtime_config.collective_timeout_s)
+        if not model_parallel_is_initialized():
+            initialize_model_parallel(
+                dp_degree=p.dp_degree, cfg_degree=p.cfg_degree, pp_degree=p.pp_degree,
+                ulysses_degree=p.ulysses_degree, ring_degree=p.ring_degree,
+                timeout_s=engine_config.runtime_config.collective_timeout_s,
+            )
+        self.device = local_device()
+        pipe.to(self.device)
+
+        self.adapter = adapter
+        self.cfg_split = CFGSplit(transformer, get_cfg_group()) if p.cfg_degree > 1 else None
+        self.sync = CoordinatorSync(get_cfg_sp_group(), batch=get_cfg_group(), seq=get_sp_group())
+        if p.sp_degree > 1:
+            adapter.install_usp_processors(transformer)
+        self.manager: CacheManager | None = None
+        self.enable_cache(engine_config.cache_config)
+        self.output = None
+        self.latency_s: float | None = None
+
+    def _check_token_counts(self, adapter) -> None:
+        """Sizes whose token count cannot be split over the SP ranks fail here, not mid-run."""
+        p, inputs, pipe = self.engine.parallel_config, self.inputs, self.pipe
+        if p.sp_degree == 1:
+            return
+        kwargs = prepare_call_kwargs(pipe, inputs.height, inputs.width)
+        scale = getattr(pipe, "vae_scale_factor", 8)
+        patch = getattr(pipe.transformer.config, "patch_size", 1) or 1
+        if "height" in kwargs and "width" in kwargs:
+            h, w = kwargs["height"] // scale // patch, kwargs["width"] // scale // patch
+            if (h * w) % p.sp_degree:
+                raise ConfigError(
+                    f"{kwargs['height']}x{kwargs['width']} gives {h * w} image tokens, not divisible by the "
+                    f"sequence-parallel degree {p.sp_degree}; change --height/--width or the degrees"
+                )
+        if "encoder_hidden_states" in adapter.sp_split_streams:
+            n_text = inputs.max_sequence_length or 512
+            if n_text % p.sp_degree:
+                raise ConfigError(
+                    f"--max_sequence_length {n_text} is not divisible by the sequence-parallel degree {p.sp_degree}"
+                )
+
+    def enable_cache(self, cache_config) -> None:
+        """(Re)install the block path with ``cache_config`` (method ``None`` = no caching)."""
+        transformer = self.pipe.transformer
+        check_method_supported(transformer, cache_config)
+        if self.manager is not None:
+            self.manager.uninstall()
+        self.manager = CacheManager(transformer, cache_config, sync=self.sync, adapter=self.adapter).install()
+        if self.engine.parallel_config.sp_degree > 1:
+            self.manager.sequence_shard = SequenceShard(self.adapter, get_sp_group(), self.manager.num_blocks)
+
+    # ------------------------------------------------------------------ running
+    def local_prompts(self) -> list[str]:
+        """This replica's share of the prompts (data parallel)."""
+        dp = get_dp_group()
+        per = len(self.inputs.prompt) // dp.world_size
+        return self.inputs.prompt[dp.rank_in_group * per:(dp.rank_in_group + 1) * per]
+
+    def call_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        inputs = self.inputs
+        kwargs = prepare_call_kwargs(self.pipe, inputs.height, inputs.width)
+        kwargs.update(prompt=self.local_prompts(), num_inference_steps=inputs.num_inference_steps, output_type=inputs.output_type)
+        if inputs.guidance_scale is not None:
+            kwargs["guidance_scale"] = inputs.guidance_scale
+        if inputs.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = inputs.max_sequence_length
+        if inputs.negative_prompt and accepts(self.pipe, "negative_prompt"):
+            kwargs["negative_prompt"] = inputs.negative_prompt
+        kwargs.update(overrides)
+        if "generator" not in kwargs:
+            # same seed on every rank of a replica: identical initial latents; replicas differ by prompt
+            kwargs["generator"] = torch.Generator(device="cpu").manual_seed(self.inputs.seed)
+        return kwargs
+
+    def __call__(self, **overrides: Any):
+        kwargs = self.call_kwargs(**overrides)
+        self.manager.reset(kwargs["num_inference_steps"])
+        start = time.perf_counter()
+        self.output = self.pipe(**kwargs)
+        self.latency_s = time.perf_counter() - start
+        if self.manager.debug_agreement:
+            self.manager.sync.verify_same(self.manager.decision_log())
+        return self.output
+
+    def get_cache_statistics(self) -> dict[str, Any]:
+        return self.manager.statistics()
+
+    @property
+    def is_output_rank(self) -> bool:
+        """One rank per replica writes results: the first of its CFG x SP group."""
+        return get_cfg_sp_group().is_first_rank
+
+    def save(self, directory: str | Path = "results", prefix: str = "xdit") -> list[str]:
+        if self.output is None or not self.is_output_rank or not hasattr(self.output, "images"):
+            return []
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        dp = get_dp_group()
+        paths = []
+        for i, image in enumerate(self.output.images):
+            suffix = f"_dp{dp.rank_in_group}_{i}" if dp.world_size > 1 or len(self.output.images) > 1 else ""
+            path = directory / f"{prefix}{suffix}.png"
+            image.save(path)
+            paths.append(str(path))
+        return paths

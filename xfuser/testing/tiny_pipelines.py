@@ -1,0 +1,123 @@
+"""Tiny random-weight diffusers pipelines built from configs, offline and deterministic.
+
+For shape, plumbing and equivalence tests only (random weights say nothing about caching
+quality; the trained embedded model does). Every transformer has 4 attention heads (Ulysses
+degree 2 and 4 possible), at least 2 blocks (Flux: 2 double + 2 single) and 16 image tokens
+at the default size (divisible by SP degrees 2 and 4). PixArt-α keeps its additional
+resolution/aspect conditions, which the pipeline only feeds for ``sample_size`` 128, hence
+its larger canvas (a 16-px patch keeps the token count small).
+
+| type         | transformer                         | blocks | hidden | size   | tokens |
+|--------------|-------------------------------------|--------|--------|--------|--------|
+| pixart-sigma | PixArtTransformer2DModel (Σ)         | 4      | 64     | 32 px  | 16     |
+| pixart-alpha | PixArtTransformer2DModel (α, res. cond.)| 4    | 96     | 256 px | 64     |
+| flux         | FluxTransformer2DModel               | 2 + 2  | 64     | 32 px  | 16 (+16 text) |
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xfuser.testing.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+TINY_MODEL_TYPES = ("pixart-sigma", "pixart-alpha", "flux")
+PROMPT = "a red circle on a blue background, top left"
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, norm_num_groups=8, sample_size=32,
+    )
+
+
+def _t5(seed: int, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(
+        vocab_size=256, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False, use_cache=False,
+    )).eval()
+
+
+def _pixart(model_type: str, seed: int):
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    alpha = model_type == "pixart-alpha"
+    torch.manual_seed(seed)
+    # Σ: 32 px / VAE 2x -> 16x16 latent / patch 4 -> 16 tokens
+    # α: 256 px / VAE 2x -> 128x128 latent / patch 16 -> 64 tokens (sample_size 128 feeds its conditions)
+    transformer = PixArtTransformer2DModel(
+        # α's resolution/aspect embeddings need the hidden size divisible by 3: 4 heads x 24
+        sample_size=128 if alpha else 16, num_layers=4, attention_head_dim=24 if alpha else 16, num_attention_heads=4,
+        in_channels=4, out_channels=8, patch_size=16 if alpha else 4, cross_attention_dim=96 if alpha else 64, caption_channels=32,
+        norm_type="ada_norm_single", use_additional_conditions=alpha,
+    )
+    cls = PixArtAlphaPipeline if alpha else PixArtSigmaPipeline
+    return cls(
+        tokenizer=build_t5_tokenizer(), text_encoder=_t5(seed + 1), vae=_vae(seed + 2), transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
+def _flux(seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    # 16 px / VAE 2x -> 8x8 latents / Flux's 2x2 packing -> 16 image tokens
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    )
+    torch.manual_seed(seed + 1)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )).eval()
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(seed + 2), text_encoder=clip,
+        tokenizer=build_clip_tokenizer(), text_encoder_2=_t5(seed + 3), tokenizer_2=build_t5_tokenizer(),
+        transformer=transformer,
+    )
+
+
+def build_tiny_pipeline(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random pipeline of ``model_type`` (see TINY_MODEL_TYPES); same seed, same weights."""
+    if model_type in ("pixart-sigma", "pixart-alpha"):
+        pipe = _pixart(model_type, seed)
+    elif model_type == "flux":
+        pipe = _flux(seed)
+    else:
+        raise ValueError(f"unknown tiny model type {model_type!r}; choose one of {TINY_MODEL_TYPES}")
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def tiny_call_kwargs(model_type: str, seed: int = 0) -> dict[str, Any]:
+    """Arguments that run ``build_tiny_pipeline(model_type)`` for 2 steps at its tiny size."""
+    kwargs: dict[str, Any] = dict(
+        prompt=PROMPT, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(seed),
+    )
+    if model_type == "pixart-sigma":
+        kwargs.update(height=32, width=32, guidance_scale=3.0, use_resolution_binning=False, max_sequence_length=16, clean_caption=False)
+    elif model_type == "pixart-alpha":
+        kwargs.update(height=256, width=256, guidance_scale=3.0, use_resolution_binning=False, max_sequence_length=16, clean_caption=False)
+    elif model_type == "flux":
+        kwargs.update(height=16, width=16, guidance_scale=3.5, max_sequence_length=16)
+    else:
+        raise ValueError(f"unknown tiny model type {model_type!r}")
+    return kwargs
+
+
+def save_tiny_pipeline(model_type: str, path: str | Path, seed: int = 0) -> Path:
+    """Build and ``save_pretrained`` a tiny pipeline (for from_pretrained tests)."""
+    path = Path(path)
+    build_tiny_pipeline(model_type, seed).save_pretrained(path)
+    return path
