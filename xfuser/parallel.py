@@ -25,6 +25,7 @@ from xfuser.core.distributed import (
     get_cfg_sp_group,
     get_dp_group,
     get_sp_group,
+    get_world_group,
     init_distributed_environment,
     initialize_model_parallel,
     local_device,
@@ -77,6 +78,8 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
             )
         self.device = local_device()
         pipe.to(self.device)
+        if not get_world_group().is_last_rank:
+            pipe.set_progress_bar_config(disable=True)  # one progress bar per job, on the last rank
 
         self.adapter = adapter
         self.cfg_split = CFGSplit(transformer, get_cfg_group()) if p.cfg_degree > 1 else None
