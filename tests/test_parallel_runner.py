@@ -91,3 +91,22 @@ def test_torchrun_example_with_cache_on_4_ranks(tmp_path):
     stats = json.loads((out / f"{name}_stats.json").read_text())
     assert stats["method"] == "Fast" and stats["num_steps"] == 4
     assert "latency" in proc.stderr + proc.stdout
+
+
+def _decode(rank: int, world: int, parallel_vae: bool):
+    pipe = build_tiny_pipeline("pixart-sigma")
+    pipe.set_progress_bar_config(disable=True)
+    engine, inputs = xFuserArgs(
+        model="tiny", ulysses_degree=world, use_parallel_vae=parallel_vae, height=32, width=32, max_sequence_length=16,
+        num_inference_steps=3, output_type="np", cache_method="Fb", cache_ratio_threshold=0.5,
+    ).create_config(world_size=world)
+    out = xDiTParallel(pipe, engine, inputs)(clean_caption=False)
+    return torch.as_tensor(out.images)
+
+
+def test_parallel_vae_decodes_the_same_image():
+    plain = run_on_ranks(_decode, 2, False, timeout_s=120).results
+    split = run_on_ranks(_decode, 2, True, timeout_s=120).results
+    for image in split:
+        assert image.shape == plain[0].shape
+        assert (image - plain[0]).abs().max().item() <= 1e-5

@@ -56,8 +56,8 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         p = engine_config.parallel_config
         if p.pp_degree > 1:
             raise ConfigError("--pipefusion_parallel_degree > 1: PipeFusion is not available in this build yet")
-        if p.use_parallel_vae:
-            raise ConfigError("--use_parallel_vae is not available in this build yet")
+        if p.use_parallel_vae and p.world_size // p.dp_degree < 2:
+            raise ConfigError("--use_parallel_vae needs at least 2 ranks per replica (cfg x sp x pp) to split the decode over")
         transformer = pipe.transformer
         adapter = check_method_supported(transformer, engine_config.cache_config)
         if p.sp_degree > 1:
@@ -81,6 +81,8 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         if not get_world_group().is_last_rank:
             pipe.set_progress_bar_config(disable=True)  # one progress bar per job, on the last rank
 
+        if p.use_parallel_vae:
+            self._parallelize_vae()
         self.adapter = adapter
         self.cfg_split = CFGSplit(transformer, get_cfg_group()) if p.cfg_degree > 1 else None
         self.sync = CoordinatorSync(get_cfg_sp_group(), batch=get_cfg_group(), seq=get_sp_group())
@@ -90,6 +92,19 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         self.enable_cache(engine_config.cache_config)
         self.output = None
         self.latency_s: float | None = None
+
+    def _parallelize_vae(self) -> None:
+        """distvae's patch-parallel decoder over the replica's ranks (they all hold the same
+        final latents, so each decodes a band of the image and the bands are gathered)."""
+        from distvae.vae.parallel import parallelize_decoder
+
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None:
+            raise ConfigError("--use_parallel_vae: this pipeline has no VAE")
+        try:
+            parallelize_decoder(vae, get_cfg_sp_group().group)
+        except ValueError as exc:
+            raise ConfigError(f"--use_parallel_vae: {exc}") from exc
 
     def _check_token_counts(self, adapter) -> None:
         """Sizes whose token count cannot be split over the SP ranks fail here, not mid-run."""

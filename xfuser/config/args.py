@@ -21,7 +21,7 @@ from xfuser.config.config import (
     RuntimeConfig,
     validate_engine_and_input,
 )
-from xfuser.config.defaults import default_model_path
+from xfuser.config.defaults import DEFAULT_MODEL
 
 
 def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -32,9 +32,33 @@ def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(*flags, **kwargs)
 
 
+def _resolve_world_size(world_size: int | None) -> int:
+    """The explicit value, else the initialised process group's, else torchrun's ``WORLD_SIZE``."""
+    if world_size is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            world_size = dist.get_world_size()
+        else:
+            raw = os.environ.get("WORLD_SIZE", "1")
+            try:
+                world_size = int(raw)
+            except ValueError as exc:
+                raise ConfigError(f"WORLD_SIZE={raw!r} is not an integer; launch with torchrun or unset it") from exc
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world size must be an integer >= 1 (torchrun --nproc_per_node), got {world_size!r}")
+    return world_size
+
+
 @dataclass
 class xFuserArgs:  # noqa: N801 - public name from xDiT
-    model: str = field(default_factory=default_model_path)
+    """One field per CLI flag (same name, same default; see ``add_cli_args`` for each effect).
+
+    Kept flat like xDiT's so scripts can build it from argparse or by hand; ``create_config``
+    turns it into validated configs so bad launches fail before any weights load.
+    """
+
+    model: str = DEFAULT_MODEL
     dtype: str = "float32"
     height: int | None = None
     width: int | None = None
@@ -70,7 +94,7 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         g = parser.add_argument_group("model and input")
-        _add(g, "model", default=default_model_path(), help="diffusers model dir or hub id (default: the embedded trained model)")
+        _add(g, "model", default=DEFAULT_MODEL, help="diffusers model dir or hub id (default: the embedded trained model)")
         _add(g, "dtype", default="float32", choices=DTYPES, help="weights/compute dtype (float32)")
         _add(g, "height", type=int, default=None, help="image height in pixels (default: model's native size)")
         _add(g, "width", type=int, default=None, help="image width in pixels (default: model's native size)")
@@ -113,10 +137,7 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
 
     def create_config(self, world_size: int | None = None) -> tuple[EngineConfig, InputConfig]:
         """Validate everything and build the configs (no model is touched)."""
-        if world_size is None:
-            import torch.distributed as dist
-
-            world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = _resolve_world_size(world_size)
         tea = None
         if self.tea_coefficients:
             from xfuser.model_executor.cache.calibrate import load_coefficients

@@ -226,9 +226,20 @@ class InputConfig:
                 _positive_int(value, f"--{flag}")
         _positive_int(self.num_inference_steps, "--num_inference_steps")
         if self.guidance_scale is not None:
-            g = float(self.guidance_scale)
+            try:
+                g = float(self.guidance_scale)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"--guidance_scale must be a number, got {self.guidance_scale!r}") from exc
             if not math.isfinite(g):
                 raise ConfigError(f"--guidance_scale must be finite, got {self.guidance_scale}")
+            self.guidance_scale = g
+        if isinstance(self.negative_prompt, (list, tuple)):
+            self.negative_prompt = list(self.negative_prompt)
+            if len(self.negative_prompt) not in (1, len(self.prompt)):
+                raise ConfigError(
+                    f"--negative_prompt gives {len(self.negative_prompt)} prompts for {len(self.prompt)} --prompt "
+                    "values; give one negative prompt or one per prompt"
+                )
         if self.output_type not in ("pil", "np", "latent", "pt"):
             raise ConfigError(f"--output_type must be pil, np, pt or latent, got {self.output_type!r}")
 
@@ -239,10 +250,17 @@ class InputConfig:
 
 @dataclass
 class EngineConfig:
+    """Everything about *how* to run (model, runtime, parallelism, caching); each part is
+    validated on construction, and :meth:`validate` adds the checks that need the inputs."""
+
     model_config: ModelConfig
     runtime_config: RuntimeConfig = field(default_factory=RuntimeConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     cache_config: CacheConfig = field(default_factory=CacheConfig)
+
+    def validate(self, inputs: "InputConfig") -> None:
+        """Cross-check against one request; see :func:`validate_engine_and_input`."""
+        validate_engine_and_input(self, inputs)
 
 
 def validate_engine_and_input(engine: EngineConfig, inputs: InputConfig) -> None:

@@ -121,3 +121,27 @@ def save_tiny_pipeline(model_type: str, path: str | Path, seed: int = 0) -> Path
     path = Path(path)
     build_tiny_pipeline(model_type, seed).save_pretrained(path)
     return path
+
+
+def build_random_pixart_sigma(num_layers: int = 12, hidden: int = 384, heads: int = 6, size: int = 256, seed: int = 0):
+    """A PixArt-Σ-architecture pipeline of real depth/width with random weights (for timing
+    and overhead measurements at a non-trivial size; quality numbers need a trained model).
+    VAE downsamples 8x and the patch is 2, so ``size`` px gives (size/16)² tokens."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=size // 8, num_layers=num_layers, attention_head_dim=hidden // heads, num_attention_heads=heads,
+        in_channels=4, out_channels=8, patch_size=2, cross_attention_dim=hidden, caption_channels=32,
+        norm_type="ada_norm_single", use_additional_conditions=False,
+    )
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=8, sample_size=size,
+    )
+    return PixArtSigmaPipeline(
+        tokenizer=build_t5_tokenizer(), text_encoder=_t5(seed + 1), vae=vae, transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )

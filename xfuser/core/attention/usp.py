@@ -12,6 +12,26 @@ import torch
 from xfuser.core.attention.kernels import attn_type_for, install_cpu_flash_kernel
 
 _layers: dict = {}
+#: bytes this rank sent inside USP attention (yunchang's collectives bypass our coordinators,
+#: so they are counted here from the tensor sizes and group sizes)
+comm_bytes = {"ulysses": 0, "ring": 0}
+
+
+def _count(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    import torch.distributed as dist
+    from yunchang.globals import PROCESS_GROUP
+
+    u = dist.get_world_size(PROCESS_GROUP.ULYSSES_PG) if PROCESS_GROUP.ULYSSES_PG is not None else 1
+    r = dist.get_world_size(PROCESS_GROUP.RING_PG) if PROCESS_GROUP.RING_PG is not None else 1
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    # Ulysses: q, k, v and the output each keep 1/u locally and send the rest
+    comm_bytes["ulysses"] += int((size(query) * 2 + size(key) + size(value)) * (u - 1) / u)
+    # Ring (basic): r - 1 hops of this rank's k and v (after the Ulysses exchange: same bytes)
+    comm_bytes["ring"] += (size(key) + size(value)) * (r - 1)
+
+
+def reset_comm_bytes() -> None:
+    comm_bytes.update(ulysses=0, ring=0)
 
 
 def _layer(device: torch.device):
@@ -33,6 +53,7 @@ def usp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
     dtype = query.dtype
     if query.device.type == "cpu" and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"USP attention on CPU needs float32/bf16/fp16, got {dtype}")
+    _count(query, key, value)
     return _layer(query.device)(query, key, value, softmax_scale=scale, causal=False)
 
 
