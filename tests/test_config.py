@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from xfuser.config import CacheConfig, ConfigError, xFuserArgs
+from xfuser.config import DEFAULT_MODEL, CacheConfig, ConfigError, InputConfig, ParallelConfig, xFuserArgs
 
 
 def parse(argv: list[str]) -> xFuserArgs:
@@ -40,6 +40,10 @@ BAD = [
     (dict(dtype="float8"), 1, "--dtype"),
     (dict(tea_coefficients="/nonexistent/coeffs.json"), 1, "--tea_coefficients"),
     (dict(collective_timeout=0.0), 1, "--collective_timeout"),
+    (dict(pipefusion_parallel_degree=2, attn_layer_num_for_pp=[4, 0]), 2, "--attn_layer_num_for_pp"),
+    (dict(width=0), 1, "--width"),
+    (dict(guidance_scale=math.nan), 1, "--guidance_scale"),
+    (dict(prompt=[]), 1, "--prompt"),
 ]
 
 
@@ -87,3 +91,73 @@ def test_method_names_normalised(given, expected):
 def test_unknown_method_via_cli_is_rejected_by_argparse():
     with pytest.raises(SystemExit):
         parse(["--cache_method", "Foo"])
+
+
+@pytest.mark.parametrize("kwargs,flag", [
+    (dict(cfg_degree=3), "--use_cfg_parallel"),
+    (dict(cfg_degree=0), "--use_cfg_parallel"),
+    (dict(pp_degree=3, num_pipeline_patch=2), "--num_pipeline_patch"),
+])
+def test_bad_parallel_config_direct(kwargs, flag):
+    with pytest.raises(ConfigError, match=flag):
+        ParallelConfig(**kwargs)
+
+
+def test_world_size_message_names_every_degree_and_the_fix():
+    with pytest.raises(ConfigError) as info:
+        xFuserArgs(ulysses_degree=2, use_cfg_parallel=True, guidance_scale=4.5).create_config(world_size=2)
+    msg = str(info.value)
+    for part in ("--data_parallel_degree(1)", "--use_cfg_parallel", "--ulysses_degree(2)", "--ring_degree(1)",
+                 "--pipefusion_parallel_degree(1)", "= 4", "world size is 2", "--nproc_per_node"):
+        assert part in msg
+
+
+@pytest.mark.parametrize("world", [0, -1, "2"])
+def test_bad_explicit_world_size(world):
+    with pytest.raises(ConfigError, match="world size"):
+        xFuserArgs().create_config(world_size=world)
+
+
+def test_world_size_defaults_to_env(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    engine, _ = xFuserArgs(data_parallel_degree=2, prompt=["a", "b"]).create_config()
+    assert engine.parallel_config.world_size == 2
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE"):
+        xFuserArgs().create_config()
+
+
+def test_every_flag_has_both_spellings():
+    parser = xFuserArgs.add_cli_args(argparse.ArgumentParser())
+    opts = {o for a in parser._actions for o in a.option_strings}
+    for o in opts:
+        if o.startswith("--") and o != "--help":
+            assert o.replace("_", "-") in opts and o.replace("-", "_").replace("__", "--", 1) in opts, o
+
+
+def test_cache_config_defaults_and_no_cap():
+    c = CacheConfig()
+    assert c.method == "None" and not c.enabled and c.max_cached_steps == -1
+    assert c.betas == (0.01, 0.5, -0.002, 0.00005) and c.cache_warmup_steps == 1
+    assert CacheConfig(method="Fb", max_cached_steps=0).max_cached_steps == 0
+
+
+def test_cache_warmup_ignored_when_caching_off():
+    engine, _ = xFuserArgs(cache_method="None", cache_warmup_steps=50, num_inference_steps=4).create_config(world_size=1)
+    assert not engine.cache_config.enabled
+
+
+def test_pipefusion_defaults_patches_to_degree():
+    engine, _ = xFuserArgs(pipefusion_parallel_degree=2, height=64).create_config(world_size=2)
+    assert engine.parallel_config.num_pipeline_patch == 2
+
+
+def test_input_config_batch_and_negative_prompts():
+    assert InputConfig(prompt="one").batch_size == 1
+    assert InputConfig(prompt=["a", "b"], negative_prompt=["n1", "n2"]).batch_size == 2
+    with pytest.raises(ConfigError, match="--negative_prompt"):
+        InputConfig(prompt=["a", "b", "c"], negative_prompt=["n1", "n2"])
+
+
+def test_cli_default_model_is_the_constant():
+    assert parse([]).model == DEFAULT_MODEL == xFuserArgs().model

@@ -3,17 +3,35 @@
 Public API (everything else is internal and may change):
     xFuserArgs, EngineConfig, InputConfig, CacheConfig, ConfigError  -- configuration
     xFuserFastCachePipelineWrapper                                     -- caching on any supported pipeline
+    xDiTParallel                                                       -- parallel + cache runner
+
+The pipeline-level names are imported lazily: they pull in diffusers (seconds), which config
+validation and ``import xfuser`` should not pay for.
 """
 from xfuser.config import CacheConfig, ConfigError, EngineConfig, InputConfig, xFuserArgs
-from xfuser.model_executor.pipelines.fastcache_pipeline import xFuserFastCachePipelineWrapper
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "xFuserFastCachePipelineWrapper": "xfuser.model_executor.pipelines.fastcache_pipeline",
+    "xDiTParallel": "xfuser.parallel",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'xfuser' has no attribute {name!r}")
+
 
 __all__ = [
     "CacheConfig",
     "ConfigError",
     "EngineConfig",
     "InputConfig",
+    "xDiTParallel",
     "xFuserArgs",
     "xFuserFastCachePipelineWrapper",
 ]
