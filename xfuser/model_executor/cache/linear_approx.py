@@ -30,7 +30,12 @@ class RidgeResidualMap:
         self.A: torch.Tensor | None = None
         self.pairs = 0  # number of (step, step) pairs accumulated locally
 
-    def observe(self, dx: torch.Tensor, dr: torch.Tensor) -> None:
+    def observe(self, dx: torch.Tensor, dr: torch.Tensor, token_stride: int = 1) -> None:
+        """Add one step pair; (batch, tokens, D) inputs keep every ``token_stride``-th token
+        (bounds the O(tokens·D²) cost; a stride that divides the local token count selects
+        the same tokens as the single-process run, so SP ranks fit the same A)."""
+        if dx.ndim == 3 and token_stride > 1:
+            dx, dr = dx[:, ::token_stride], dr[:, ::token_stride]
         x = dx.reshape(-1, dx.shape[-1]).float()
         r = dr.reshape(-1, dr.shape[-1]).float()
         gram, cross = x.T @ x, x.T @ r

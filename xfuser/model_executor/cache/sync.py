@@ -23,6 +23,7 @@ class SyncGroup:
 
     world_size: int = 1
     batch_world: int = 1
+    seq_world: int = 1
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -62,6 +63,7 @@ class CoordinatorSync(SyncGroup):
         self.seq = seq
         self.world_size = coordinator.world_size
         self.batch_world = batch.world_size if batch is not None else 1
+        self.seq_world = seq.world_size if seq is not None else 1
 
     def reduce_batch(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.batch is None or self.batch.world_size == 1:

@@ -53,10 +53,13 @@ class _BlockState:
 
 class FastCache(CacheMethod):
     name = "Fast"
+    FIT_TOKENS = 128  # tokens per step the linear fit sees (cost O(FIT_TOKENS·D²) per computed block)
 
     def __init__(self, manager) -> None:
         super().__init__(manager)
         self.approximation = getattr(self.config, "approximation", "auto")
+        # with threshold 0 nothing can be approximated: don't pay for fitting a map
+        self.fit_enabled = self.approximation != "reuse" and self.config.cache_ratio_threshold > 0
         self.ridge = float(getattr(self.config, "ridge", 0.1))
         if self.config.motion_threshold > 0 and not manager.adapter.supports_token_subset:
             logger.warning(
@@ -153,8 +156,18 @@ class FastCache(CacheMethod):
             return self._compute_partial(st, call), "P", self.motion_fraction
         return self._compute(st, call), "C", 1.0
 
+    def _token_stride(self, dx: torch.Tensor) -> int:
+        """Power-of-two stride keeping about ``FIT_TOKENS`` of the sequence's tokens."""
+        if dx.ndim != 3:
+            return 1
+        total = dx.shape[1] * self.manager.sync.seq_world
+        stride = 1
+        while total // (stride * 2) >= self.FIT_TOKENS:
+            stride *= 2
+        return stride
+
     def _use_fit(self, st: _BlockState) -> bool:
-        if self.approximation == "reuse" or not st.maps[0].ready:
+        if not self.fit_enabled or not st.maps[0].ready:
             return False
         if self.approximation == "fitted":
             return True
@@ -176,7 +189,7 @@ class FastCache(CacheMethod):
         out = self.manager.compute(call)
         if st.in_ref is not None and all(r.shape == i.shape for r, i in zip(st.in_ref, x)):
             dxs = [i - r for i, r in zip(x, st.in_ref)]
-            if st.maps[0].ready and self.approximation != "reuse":
+            if st.maps[0].ready and self.fit_enabled:
                 # held-out check: both predictors, fitted on earlier steps only, vs the truth
                 e_reuse = e_fit = norm = 0.0
                 for k, (dx, o, oref, xk) in enumerate(zip(dxs, out, st.out_ref, x)):
@@ -187,8 +200,9 @@ class FastCache(CacheMethod):
                     e_fit += (base + st.maps[k].correction(dx)).float().pow(2).sum()
                     norm += (o - xk).float().pow(2).sum()  # errors relative to the block's residual
                 st.pending += torch.stack([torch.as_tensor(e_reuse), torch.as_tensor(e_fit), torch.as_tensor(norm)]).double().cpu()
-            for k, (dx, o, oref) in enumerate(zip(dxs, out, st.out_ref)):
-                st.maps[k].observe(dx, o - oref - dx)
+            if self.fit_enabled:
+                for k, (dx, o, oref) in enumerate(zip(dxs, out, st.out_ref)):
+                    st.maps[k].observe(dx, o - oref - dx, self._token_stride(dx))
         st.in_ref, st.extras_ref, st.out_ref = tuple(x), tuple(extras), list(out)
         return out
 
