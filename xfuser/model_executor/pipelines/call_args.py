@@ -36,6 +36,12 @@ def binning_supported(pipe) -> bool:
     return getattr(pipe.transformer.config, "sample_size", None) in _BINNED_SAMPLE_SIZES
 
 
+def _caption_cleaning_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("bs4", "ftfy"))
+
+
 def prepare_call_kwargs(pipe, height: int | None = None, width: int | None = None, **kwargs: Any) -> dict[str, Any]:
     """Fill height/width (the model's native size when not given) and disable resolution
     binning where the size is outside the pipeline's table."""
@@ -48,6 +54,8 @@ def prepare_call_kwargs(pipe, height: int | None = None, width: int | None = Non
         kwargs["height"] = height
     if width is not None:
         kwargs["width"] = width
+    if accepts(pipe, "clean_caption") and "clean_caption" not in kwargs and not _caption_cleaning_available():
+        kwargs["clean_caption"] = False  # what the pipeline falls back to anyway, minus a warning per call
     if accepts(pipe, "use_resolution_binning") and "use_resolution_binning" not in kwargs and height and width:
         if not binning_supported(pipe):
             kwargs["use_resolution_binning"] = False
