@@ -46,6 +46,7 @@ class _BlockState:
         self.out_ref: list[torch.Tensor] | None = None
         self.maps = [RidgeResidualMap(ridge) for _ in range(n_streams)]
         self.consecutive = 0
+        self.fits_seen = 0  # computed steps since the map became ready (evaluation cadence)
         # held-out squared errors of both predictors, local (pending) and synced (totals)
         self.pending = torch.zeros(3, dtype=torch.float64)
         self.err_reuse = self.err_fit = self.err_norm = 0.0
@@ -54,6 +55,7 @@ class _BlockState:
 class FastCache(CacheMethod):
     name = "Fast"
     FIT_TOKENS = 128  # tokens per step the linear fit sees (cost O(FIT_TOKENS·D²) per computed block)
+    EVAL_EVERY = 3  # held-out evaluation (and re-solve, O(D³)) on every 3rd computed step of a block
 
     def __init__(self, manager) -> None:
         super().__init__(manager)
@@ -187,22 +189,27 @@ class FastCache(CacheMethod):
     def _compute(self, st: _BlockState, call: BlockCall) -> Streams:
         x, extras = call.streams, call.extras
         out = self.manager.compute(call)
-        if st.in_ref is not None and all(r.shape == i.shape for r, i in zip(st.in_ref, x)):
-            dxs = [i - r for i, r in zip(x, st.in_ref)]
-            if st.maps[0].ready and self.fit_enabled:
-                # held-out check: both predictors, fitted on earlier steps only, vs the truth
+        if self.fit_enabled and st.in_ref is not None and all(r.shape == i.shape for r, i in zip(st.in_ref, x)):
+            stride = self._token_stride(x[0])
+
+            def sub(t: torch.Tensor) -> torch.Tensor:
+                return t[:, ::stride] if t.ndim == 3 else t
+
+            dxs = [sub(i - r) for i, r in zip(x, st.in_ref)]
+            drs = [sub(o - oref) - dx for o, oref, dx in zip(out, st.out_ref, dxs)]  # ΔR: what reuse gets wrong
+            if st.maps[0].ready and st.fits_seen % self.EVAL_EVERY == 0:
+                # held-out check of both predictors (fitted on earlier steps only) against the truth
                 e_reuse = e_fit = norm = 0.0
-                for k, (dx, o, oref, xk) in enumerate(zip(dxs, out, st.out_ref, x)):
+                for k, (dx, dr, o, xk) in enumerate(zip(dxs, drs, out, x)):
                     st.maps[k].solve(self.manager.sync)
-                    r = o - oref - dx  # ΔR: what reuse gets wrong
-                    base = -r
-                    e_reuse += base.float().pow(2).sum()
-                    e_fit += (base + st.maps[k].correction(dx)).float().pow(2).sum()
-                    norm += (o - xk).float().pow(2).sum()  # errors relative to the block's residual
+                    e_reuse += dr.float().pow(2).sum()
+                    e_fit += (dr - st.maps[k].correction(dx)).float().pow(2).sum()
+                    norm += sub(o - xk).float().pow(2).sum()  # relative to the block's residual
                 st.pending += torch.stack([torch.as_tensor(e_reuse), torch.as_tensor(e_fit), torch.as_tensor(norm)]).double().cpu()
-            if self.fit_enabled:
-                for k, (dx, o, oref) in enumerate(zip(dxs, out, st.out_ref)):
-                    st.maps[k].observe(dx, o - oref - dx, self._token_stride(dx))
+            if st.maps[0].ready:
+                st.fits_seen += 1
+            for k, (dx, dr) in enumerate(zip(dxs, drs)):
+                st.maps[k].observe(dx, dr)
         st.in_ref, st.extras_ref, st.out_ref = tuple(x), tuple(extras), list(out)
         return out
 
