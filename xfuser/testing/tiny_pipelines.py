@@ -11,7 +11,16 @@ its larger canvas (a 16-px patch keeps the token count small).
 |--------------|-------------------------------------|--------|--------|--------|--------|
 | pixart-sigma | PixArtTransformer2DModel (Σ)         | 4      | 64     | 32 px  | 16     |
 | pixart-alpha | PixArtTransformer2DModel (α, res. cond.)| 4    | 96     | 256 px | 64     |
-| flux         | FluxTransformer2DModel               | 2 + 2  | 64     | 32 px  | 16 (+16 text) |
+| flux         | FluxTransformer2DModel               | 2 + 2  | 64     | 16 px  | 16 (+16 text) |
+| hunyuandit   | HunyuanDiT2DModel (long skips)       | 4      | 32     | 64 px  | 16     |
+| cogvideox    | CogVideoXTransformer3DModel          | 2      | 32     | 16 px x 9 frames | 48 |
+| consisid     | ConsisIDTransformer3DModel (+ face)  | 2      | 192    | 16 px x 9 frames | 48 |
+
+HunyuanDiT's pipeline assumes an 8x VAE for its rotary grid, hence a 4-level VAE. ConsisID's
+face cross-attention needs hidden x 2/3 == the face extractor's output width and its 3-D
+rotary embedding needs head_dim/8*3 even, hence 4 heads x 48; face features are injected
+after every block (``cross_attn_interval=1``), so the manager's handling of what a model adds
+between blocks is exercised. ConsisID's pipeline needs OpenCV (opencv-python-headless).
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ import torch
 
 from xfuser.testing.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
-TINY_MODEL_TYPES = ("pixart-sigma", "pixart-alpha", "flux")
+TINY_MODEL_TYPES = ("pixart-sigma", "pixart-alpha", "flux", "hunyuandit", "cogvideox", "consisid")
 PROMPT = "a red circle on a blue background, top left"
 
 
@@ -89,12 +98,97 @@ def _flux(seed: int):
     )
 
 
+def _vae8(seed: int, size: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=8, sample_size=size,
+    )
+
+
+def _hunyuandit(seed: int):
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from transformers import BertConfig, BertModel
+
+    from xfuser.testing.tokenizers import build_bert_tokenizer
+
+    tokenizer = build_bert_tokenizer(model_max_length=77)  # the pipeline pads Bert text to 77 tokens
+    torch.manual_seed(seed)
+    transformer = HunyuanDiT2DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8, hidden_size=32,
+        num_layers=4, cross_attention_dim=32, cross_attention_dim_t5=32, pooled_projection_dim=16,
+        text_len=77, text_len_t5=256,
+    )
+    torch.manual_seed(seed + 1)
+    bert = BertModel(BertConfig(
+        vocab_size=len(tokenizer) + 8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=128,
+    )).eval()
+    return HunyuanDiTPipeline(
+        vae=_vae8(seed + 2, 64), text_encoder=bert, tokenizer=tokenizer, transformer=transformer,
+        scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        text_encoder_2=_t5(seed + 3), tokenizer_2=build_t5_tokenizer(model_max_length=256),
+    )
+
+
+def _video_vae(seed: int):
+    from diffusers import AutoencoderKLCogVideoX
+
+    torch.manual_seed(seed)
+    return AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
+        up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+        layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4, sample_height=16, sample_width=16,
+    )
+
+
+def _cogvideox(seed: int):
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=32,
+        text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=16,
+    )
+    return CogVideoXPipeline(
+        tokenizer=build_t5_tokenizer(), text_encoder=_t5(seed + 1), vae=_video_vae(seed + 2),
+        transformer=transformer, scheduler=CogVideoXDDIMScheduler(),
+    )
+
+
+def _consisid(seed: int):
+    from diffusers import CogVideoXDPMScheduler, ConsisIDPipeline, ConsisIDTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = ConsisIDTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=48, in_channels=8, out_channels=4, time_embed_dim=32,
+        text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
+        is_train_face=True, is_kps=False, cross_attn_interval=1, cross_attn_dim_head=8, cross_attn_num_heads=2,
+        LFE_id_dim=16, LFE_vit_dim=16, LFE_depth=2, LFE_dim_head=8, LFE_num_heads=2, LFE_num_id_token=2,
+        LFE_num_querie=4, LFE_output_dim=128, LFE_ff_mult=2, LFE_num_scale=2,
+    )
+    return ConsisIDPipeline(
+        tokenizer=build_t5_tokenizer(), text_encoder=_t5(seed + 1), vae=_video_vae(seed + 2),
+        transformer=transformer, scheduler=CogVideoXDPMScheduler(),
+    )
+
+
+_BUILDERS = {"hunyuandit": _hunyuandit, "cogvideox": _cogvideox, "consisid": _consisid}
+
+
 def build_tiny_pipeline(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A tiny random pipeline of ``model_type`` (see TINY_MODEL_TYPES); same seed, same weights."""
     if model_type in ("pixart-sigma", "pixart-alpha"):
         pipe = _pixart(model_type, seed)
     elif model_type == "flux":
         pipe = _flux(seed)
+    elif model_type in _BUILDERS:
+        pipe = _BUILDERS[model_type](seed)
     else:
         raise ValueError(f"unknown tiny model type {model_type!r}; choose one of {TINY_MODEL_TYPES}")
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
@@ -111,6 +205,19 @@ def tiny_call_kwargs(model_type: str, seed: int = 0) -> dict[str, Any]:
         kwargs.update(height=256, width=256, guidance_scale=3.0, use_resolution_binning=False, max_sequence_length=16, clean_caption=False)
     elif model_type == "flux":
         kwargs.update(height=16, width=16, guidance_scale=3.5, max_sequence_length=16)
+    elif model_type == "hunyuandit":
+        kwargs.update(height=64, width=64, guidance_scale=3.0, use_resolution_binning=False)
+    elif model_type == "cogvideox":
+        kwargs.update(height=16, width=16, num_frames=9, guidance_scale=3.0, max_sequence_length=16)
+    elif model_type == "consisid":
+        from PIL import Image
+
+        g = torch.Generator().manual_seed(1000 + seed)
+        kwargs.update(
+            height=16, width=16, num_frames=9, guidance_scale=3.0, max_sequence_length=16,
+            image=Image.new("RGB", (16, 16), (200, 30, 30)),
+            id_cond=torch.randn(1, 16, generator=g), id_vit_hidden=[torch.randn(1, 5, 16, generator=g) for _ in range(2)],
+        )
     else:
         raise ValueError(f"unknown tiny model type {model_type!r}")
     return kwargs

@@ -38,3 +38,11 @@ def build_clip_tokenizer(model_max_length: int = 77):
         vocab.setdefault(t, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=model_max_length,
                          bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def build_bert_tokenizer(model_max_length: int = 77):
+    from transformers import BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens = specials + WORDS + list(CHARS) + ["##" + c for c in CHARS]
+    return BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(tokens))}, model_max_length=model_max_length)
