@@ -110,3 +110,24 @@ def test_parallel_vae_decodes_the_same_image():
     for image in split:
         assert image.shape == plain[0].shape
         assert (image - plain[0]).abs().max().item() <= 1e-5
+
+
+def test_xfuser_pipeline_class_loads_a_saved_model_through_the_runner(tmp_path):
+    from xfuser import xFuserPixArtSigmaPipeline
+    from xfuser.testing.tiny_pipelines import save_tiny_pipeline
+
+    model = save_tiny_pipeline("pixart-sigma", tmp_path / "m")
+    engine, inputs = xFuserArgs(
+        model=str(model), cache_method="Fb", cache_ratio_threshold=0.5, height=32, width=32,
+        max_sequence_length=16, num_inference_steps=4, output_type="latent",
+    ).create_config(world_size=1)
+    from xfuser.core.distributed import destroy_distributed_environment
+
+    try:
+        runner = xFuserPixArtSigmaPipeline.from_pretrained(engine_config=engine, input_config=inputs)
+        assert isinstance(runner, xDiTParallel)
+        out = runner()
+        assert out.images.shape == (1, 4, 16, 16)
+        assert runner.get_cache_statistics()["num_steps"] == 4
+    finally:
+        destroy_distributed_environment()

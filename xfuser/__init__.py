@@ -15,6 +15,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "xFuserFastCachePipelineWrapper": "xfuser.model_executor.pipelines.fastcache_pipeline",
     "xDiTParallel": "xfuser.parallel",
+    **{
+        name: "xfuser.model_executor.pipelines.xfuser_pipelines"
+        for name in (
+            "xFuserPixArtSigmaPipeline", "xFuserPixArtAlphaPipeline", "xFuserFluxPipeline",
+            "xFuserHunyuanDiTPipeline", "xFuserCogVideoXPipeline", "xFuserConsisIDPipeline",
+        )
+    },
 }
 
 
@@ -32,6 +39,9 @@ __all__ = [
     "EngineConfig",
     "InputConfig",
     "xDiTParallel",
+    "xFuserPixArtSigmaPipeline",
+    "xFuserPixArtAlphaPipeline",
+    "xFuserFluxPipeline",
     "xFuserArgs",
     "xFuserFastCachePipelineWrapper",
 ]

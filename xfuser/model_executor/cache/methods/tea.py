@@ -10,6 +10,9 @@ last steps always compute; computing resets the sum.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -20,6 +23,20 @@ from xfuser.model_executor.cache.methods.base import CacheMethod
 logger = init_logger(__name__)
 
 IDENTITY = (1.0, 0.0)
+SHIPPED = Path(__file__).resolve().parents[1] / "coefficients"
+
+
+def shipped_coefficients(transformer) -> list[float] | None:
+    """Coefficients fitted with the calibrate command for a specific checkpoint, shipped in
+    ``cache/coefficients/<checkpoint name>.json`` (matched on the model directory's name)."""
+    name = getattr(getattr(transformer, "config", None), "_name_or_path", None) or ""
+    parts = [p for p in Path(str(name)).parts if p not in ("transformer", "")]
+    if not parts:
+        return None
+    path = SHIPPED / f"{parts[-1]}.json"
+    if not path.exists():
+        return None
+    return [float(c) for c in json.loads(path.read_text())["coefficients"]]
 
 
 class TeaCache(CacheMethod):
@@ -27,7 +44,11 @@ class TeaCache(CacheMethod):
 
     def __init__(self, manager) -> None:
         super().__init__(manager)
-        coefficients = getattr(self.config, "tea_coefficients", None) or manager.adapter.tea_coefficients
+        coefficients = (
+            getattr(self.config, "tea_coefficients", None)
+            or shipped_coefficients(manager.transformer)
+            or manager.adapter.tea_coefficients
+        )
         if coefficients is None:
             logger.warning(
                 "no TeaCache coefficients for %s: using the identity rescale %s; fit real ones with "

@@ -1,0 +1,50 @@
+"""xDiT-style pipeline classes: ``xFuserPixArtSigmaPipeline.from_pretrained(model, engine_config=...)``.
+
+Each class only names the diffusers pipeline it loads; loading returns an :class:`xDiTParallel`
+runner (parallel groups, USP, CFG split and the cache installed), so there is one runner and
+one denoising loop for every model. Adding a model is one line in ``PIPELINES``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from xfuser.config.config import EngineConfig, InputConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class xFuserPipelineBase:  # noqa: N801
+    diffusers_class: str = ""
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | None = None, engine_config: EngineConfig | None = None, input_config: InputConfig | None = None, **kwargs: Any
+    ):
+        """Load ``model`` (default: ``engine_config.model_config.model``) and wrap it."""
+        import diffusers
+
+        from xfuser.parallel import xDiTParallel
+
+        if engine_config is None:
+            raise ValueError(f"{cls.__name__}.from_pretrained needs engine_config (xFuserArgs(...).create_config())")
+        model = model or engine_config.model_config.model
+        kwargs.setdefault("torch_dtype", _DTYPES[engine_config.model_config.dtype])
+        pipe = getattr(diffusers, cls.diffusers_class).from_pretrained(model, **kwargs)
+        return xDiTParallel(pipe, engine_config, input_config or InputConfig())
+
+
+PIPELINES = {
+    "xFuserPixArtSigmaPipeline": "PixArtSigmaPipeline",
+    "xFuserPixArtAlphaPipeline": "PixArtAlphaPipeline",
+    "xFuserFluxPipeline": "FluxPipeline",
+    "xFuserHunyuanDiTPipeline": "HunyuanDiTPipeline",
+    "xFuserCogVideoXPipeline": "CogVideoXPipeline",
+    "xFuserConsisIDPipeline": "ConsisIDPipeline",
+}
+
+for _name, _diffusers in PIPELINES.items():
+    globals()[_name] = type(_name, (xFuserPipelineBase,), {"diffusers_class": _diffusers, "__doc__": f"Loads diffusers' {_diffusers} under xDiTParallel."})
+
+__all__ = ["PIPELINES", "xFuserPipelineBase", *PIPELINES]
