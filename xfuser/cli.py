@@ -19,9 +19,6 @@ from xfuser.logger import init_logger
 
 logger = init_logger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def output_name(model_name: str, engine: EngineConfig) -> str:
     p = engine.parallel_config
     patches = p.num_pipeline_patch or 1
@@ -32,7 +29,7 @@ def output_name(model_name: str, engine: EngineConfig) -> str:
 
 
 def load_pipeline(pipeline_cls, engine: EngineConfig):
-    dtype = _DTYPES[engine.model_config.dtype]
+    dtype = engine.model_config.torch_dtype
     pipe = pipeline_cls.from_pretrained(engine.model_config.model, torch_dtype=dtype)  # xDiTParallel places it
     pipe.set_progress_bar_config(disable=os.environ.get("XFUSER_PROGRESS", "1") == "0")
     return pipe

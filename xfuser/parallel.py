@@ -41,9 +41,6 @@ from xfuser.model_executor.pipelines.fastcache_pipeline import check_method_supp
 
 logger = init_logger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def _has_cfg(pipe) -> bool:
     return accepts(pipe, "guidance_scale") and accepts(pipe, "negative_prompt") and not hasattr(pipe.transformer.config, "guidance_embeds")
 

@@ -48,6 +48,12 @@ class ModelConfig:
     model: str
     dtype: str = "float32"
 
+    @property
+    def torch_dtype(self):
+        import torch  # lazy: validating a config should not import torch
+
+        return getattr(torch, self.dtype)
+
     def __post_init__(self) -> None:
         if not self.model:
             raise ConfigError("--model must name a diffusers model directory or hub id")

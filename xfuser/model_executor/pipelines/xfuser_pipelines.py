@@ -8,12 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 from xfuser.config.config import EngineConfig, InputConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class xFuserPipelineBase:  # noqa: N801
     diffusers_class: str = ""
@@ -30,7 +26,7 @@ class xFuserPipelineBase:  # noqa: N801
         if engine_config is None:
             raise ValueError(f"{cls.__name__}.from_pretrained needs engine_config (xFuserArgs(...).create_config())")
         model = model or engine_config.model_config.model
-        kwargs.setdefault("torch_dtype", _DTYPES[engine_config.model_config.dtype])
+        kwargs.setdefault("torch_dtype", engine_config.model_config.torch_dtype)
         pipe = getattr(diffusers, cls.diffusers_class).from_pretrained(model, **kwargs)
         return xDiTParallel(pipe, engine_config, input_config or InputConfig())
 
