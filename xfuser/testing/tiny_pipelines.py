@@ -21,7 +21,8 @@ Why the odd ones out:
 * PixArt-α feeds its resolution/aspect-ratio conditions only when ``sample_size == 128``, hence
   its 256 px canvas (a 16 px patch keeps the token count small) and a hidden size divisible
   by 3 (the condition embeddings split it in thirds).
-* Flux's VAE carries Flux's ``shift_factor``/``scaling_factor`` (the pipeline's decode needs both).
+* Flux is guidance-distilled like FLUX.1-dev (``guidance_embeds``: batch 1, no CFG); its VAE
+  carries Flux's ``shift_factor``/``scaling_factor`` (the pipeline's decode needs both).
 * HunyuanDiT's pipeline assumes an 8x VAE for its rotary grid, hence a 4-level VAE; it pads
   BERT text to 77 and T5 text to 256 tokens.
 * CogVideoX/ConsisID: the video VAE compresses time 4x (9 frames -> 3 latent frames -> 9
@@ -101,6 +102,7 @@ def _flux(seed: int):
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+        guidance_embeds=True,  # like FLUX.1-dev: guidance is an input, no CFG batch
     )
     torch.manual_seed(seed + 1)
     clip = CLIPTextModel(CLIPTextConfig(
