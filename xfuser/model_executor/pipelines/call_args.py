@@ -42,9 +42,28 @@ def _caption_cleaning_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("bs4", "ftfy"))
 
 
+MODEL_DEFAULTS_FILE = "xfuser_defaults.json"
+
+
+def model_defaults(pipe) -> dict[str, Any]:
+    """Call defaults a checkpoint ships beside ``model_index.json`` (e.g. the guidance scale a
+    small model was tuned for), so every entry point uses them unless told otherwise."""
+    import json
+    from pathlib import Path
+
+    root = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if not root:
+        return {}
+    path = Path(str(root)) / MODEL_DEFAULTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def prepare_call_kwargs(pipe, height: int | None = None, width: int | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Fill height/width (the model's native size when not given) and disable resolution
-    binning where the size is outside the pipeline's table."""
+    """Fill height/width (the model's native size when not given), the checkpoint's shipped
+    call defaults, and disable resolution binning where the pipeline would reject the size."""
+    for key, value in model_defaults(pipe).items():
+        if accepts(pipe, key):
+            kwargs.setdefault(key, value)
     native = native_size(pipe)
     if height is None and native is not None:
         height = native[0]
