@@ -199,7 +199,7 @@ def test_fitted_map_beats_identity_and_random_on_held_out_steps():
 
 
 def test_fast_reports_held_out_errors_and_picks_the_better(model):
-    _, stats = run_with(model, method="Fast", cache_ratio_threshold=0.3, motion_threshold=0.0, max_cached_steps=1, steps=12)
+    _, stats = run_with(model, method="Fast", cache_ratio_threshold=0.3, motion_threshold=0.0, max_cached_steps=1, steps=12, approximation="auto")
     entries = [b["approximation"] for b in stats["per_block"] if "approximation" in b]
     assert entries, "no block was evaluated on a held-out step"
     for e in entries:

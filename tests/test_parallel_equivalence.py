@@ -18,6 +18,8 @@ METHODS = {
     "Fb": dict(cache_method="Fb", cache_ratio_threshold=0.6),
     "Tea": dict(cache_method="Tea", cache_ratio_threshold=0.8),
     "Fast": dict(cache_method="Fast", cache_ratio_threshold=0.5, motion_threshold=0.5),
+    # the fitted-map path: statistics summed over the sync group, one A on every rank
+    "FastFitted": dict(cache_method="Fast", cache_ratio_threshold=0.5, motion_threshold=0.5, approximation="auto", max_cached_steps=1),
 }
 STEPS = 6
 
@@ -122,5 +124,5 @@ def test_parallel_output_equals_single_process_for_every_method(model_type, para
             assert got["log"] == want["log"], f"rank {rank} {name}: decisions differ from single process"
             err = ((got["latents"] - want["latents"]).norm() / want["latents"].norm()).item()
             assert err <= 1e-5, f"rank {rank} {name}: relative error {err:.2e}"
-    hits = [a for r in run.results for n in ("Fb", "Tea", "Fast") for s in r[n]["log"] for a in s[1] if a != "C"]
+    hits = [a for r in run.results for n in ("Fb", "Tea", "Fast", "FastFitted") for s in r[n]["log"] for a in s[1] if a != "C"]
     assert hits, "no method cached anything: the equivalence check would be vacuous"

@@ -154,8 +154,9 @@ class CacheConfig:
     FastCache's χ² test, smaller = skips more (0.05). cache_warmup_steps: first steps that always
     compute (1). max_cached_steps: most consecutive skipped steps per block/stack, -1 = no cap
     (-1). betas: FastCache adaptive threshold (β0, β1, β2, β3) (0.01, 0.5, -0.002, 0.00005).
-    approximation: FastCache skipped-block map, auto | fitted | reuse (auto: the one with the
-    lower held-out error). ridge: FastCache ridge strength relative to the mean eigenvalue (0.1).
+    approximation: FastCache skipped-block map, reuse | fitted | auto (reuse: on the embedded
+    trained model residual reuse had the lower held-out error and fitting cost ~20% speed, see
+    docs/methods/fastcache.md; auto picks per block by held-out error). ridge: FastCache ridge strength relative to the mean eigenvalue (0.1).
     tea_coefficients: TeaCache rescaling polynomial, highest power first (None: the model's
     published set, else identity with a warning). debug_cache_agreement: verify decisions
     across ranks after every step (off).
@@ -168,7 +169,7 @@ class CacheConfig:
     cache_warmup_steps: int = 1
     max_cached_steps: int = -1
     betas: tuple[float, float, float, float] = (0.01, 0.5, -0.002, 0.00005)
-    approximation: str = "auto"
+    approximation: str = "reuse"
     ridge: float = 0.1
     tea_coefficients: list[float] | None = None
     debug_cache_agreement: bool = False

@@ -59,7 +59,7 @@ class FastCache(CacheMethod):
 
     def __init__(self, manager) -> None:
         super().__init__(manager)
-        self.approximation = getattr(self.config, "approximation", "auto")
+        self.approximation = getattr(self.config, "approximation", "reuse")
         # with threshold 0 nothing can be approximated: don't pay for fitting a map
         self.fit_enabled = self.approximation != "reuse" and self.config.cache_ratio_threshold > 0
         self.ridge = float(getattr(self.config, "ridge", 0.1))
