@@ -53,7 +53,7 @@ def load(args) -> Any:
         return build_random_pixart_sigma(num_layers=args.layers, hidden=args.hidden)
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(args.model or default_model_path(), torch_dtype=torch.float32)
+    return DiffusionPipeline.from_pretrained(args.model or default_model_path(), dtype=torch.float32)
 
 
 def run_once(wrapper, pipe, prompt: str, seed: int, args) -> tuple[Any, torch.Tensor, float]:

@@ -59,7 +59,7 @@ def main() -> int:
 
     from xfuser.parallel import xDiTParallel
 
-    pipe = DiffusionPipeline.from_pretrained(engine.model_config.model, torch_dtype=engine.model_config.torch_dtype)
+    pipe = DiffusionPipeline.from_pretrained(engine.model_config.model, dtype=engine.model_config.torch_dtype)
     torch.set_grad_enabled(False)
     runner = xDiTParallel(pipe, engine, inputs)
     results = {}

@@ -30,7 +30,7 @@ def output_name(model_name: str, engine: EngineConfig) -> str:
 
 def load_pipeline(pipeline_cls, engine: EngineConfig):
     dtype = engine.model_config.torch_dtype
-    pipe = pipeline_cls.from_pretrained(engine.model_config.model, torch_dtype=dtype)  # xDiTParallel places it
+    pipe = pipeline_cls.from_pretrained(engine.model_config.model, dtype=dtype)  # xDiTParallel places it
     pipe.set_progress_bar_config(disable=os.environ.get("XFUSER_PROGRESS", "1") == "0")
     return pipe
 

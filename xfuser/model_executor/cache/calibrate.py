@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import DiffusionPipeline
 
     model = args.model or str(default_model_path())
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     result = fit_coefficients(
         pipe, args.prompts, args.num_inference_steps, args.degree, args.seed, height=args.height, width=args.width

@@ -26,7 +26,7 @@ class xFuserPipelineBase:  # noqa: N801
         if engine_config is None:
             raise ValueError(f"{cls.__name__}.from_pretrained needs engine_config (xFuserArgs(...).create_config())")
         model = model or engine_config.model_config.model
-        kwargs.setdefault("torch_dtype", engine_config.model_config.torch_dtype)
+        kwargs.setdefault("dtype", engine_config.model_config.torch_dtype)
         pipe = getattr(diffusers, cls.diffusers_class).from_pretrained(model, **kwargs)
         return xDiTParallel(pipe, engine_config, input_config or InputConfig())
 
