@@ -34,5 +34,5 @@ setup(
         "flash-attn": ["flash-attn>=2.6"],
         "test": ["pytest>=8"],
     },
-    include_package_data=True,
+    package_data={"xfuser": ["model_executor/cache/coefficients/*.json"]},
 )
