@@ -97,6 +97,7 @@ CONFIGS = [
     ("pixart-sigma", dict(use_cfg_parallel=True), 2),
     ("pixart-sigma", dict(use_cfg_parallel=True, ulysses_degree=2), 4),
     ("pixart-sigma", dict(data_parallel_degree=2), 2),
+    ("pixart-alpha", dict(use_cfg_parallel=True, ulysses_degree=2), 4),
     ("flux", dict(ulysses_degree=2), 2),
     ("flux", dict(ring_degree=2), 2),
 ]
