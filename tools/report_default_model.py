@@ -9,7 +9,6 @@ and prints a markdown summary.  Everything runs on CPU with one thread and fixed
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import time
@@ -27,19 +26,7 @@ SIZE = 64
 STEPS = 20
 
 
-def load_shapes():
-    try:
-        from xfuser.testing import shapes  # type: ignore
-        return shapes
-    except Exception:
-        spec = importlib.util.spec_from_file_location(
-            "xfuser_testing_shapes", os.path.join(REPO, "xfuser", "testing", "shapes.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-
-S = load_shapes()
+from xfuser.testing import shapes as S  # noqa: E402  (the package is installed: pip install -e .)
 
 
 def load_pipe(path=MODEL):

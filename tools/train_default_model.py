@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -78,19 +77,7 @@ CONFIG = {
 }
 
 
-def load_shapes():
-    try:
-        from xfuser.testing import shapes  # type: ignore
-        return shapes
-    except Exception:  # package import may fail on partial checkouts; the module is standalone
-        spec = importlib.util.spec_from_file_location(
-            "xfuser_testing_shapes", os.path.join(REPO, "xfuser", "testing", "shapes.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-
-S = load_shapes()
+from xfuser.testing import shapes as S  # noqa: E402  (the package is installed: pip install -e .)
 
 
 def log(msg, fh=None):

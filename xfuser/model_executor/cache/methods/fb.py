@@ -46,14 +46,9 @@ class FirstBlockCache(CacheMethod):
                 self.ref_residual = residual
             self.first_out = out
             return out, "C", 1.0
-        last = index == m.num_blocks - 1
         if self.hit:
-            if not last:
-                return call.streams, "R", 0.0
-            # anchored on block 0's output, not on this block's input: anything a model adds
-            # between blocks (e.g. ConsisID face features) is inside the cached residual already
-            return tuple(lr + (f - fr) for lr, f, fr in zip(self.last_ref, self.first_out, self.first_ref)), "R", 0.0
+            return self.reuse_stack_tail(index, call, self.first_out, self.first_ref, self.last_ref)
         out = m.compute(call)
-        if last:
+        if index == m.num_blocks - 1:
             self.first_ref, self.last_ref = self.first_out, out
         return out, "C", 1.0

@@ -72,7 +72,6 @@ class TeaCache(CacheMethod):
 
     def run_block(self, index: int, call: BlockCall) -> tuple[Streams, str, float]:
         m = self.manager
-        last = index == m.num_blocks - 1
         if index == 0:
             modulated = m.adapter.modulated_input(call)
             if self.prev_modulated is not None:
@@ -98,11 +97,8 @@ class TeaCache(CacheMethod):
                 self.accumulated = 0.0
             self.stack_in = call.streams
         if self.skip:
-            if not last:
-                return call.streams, "R", 0.0
-            # out_ref + (x - x_ref) == x + cached residual, exact when the input repeats
-            return tuple(o + (x - r) for o, x, r in zip(self.out_ref, self.stack_in, self.in_ref)), "R", 0.0
+            return self.reuse_stack_tail(index, call, self.stack_in, self.in_ref, self.out_ref)
         out = m.compute(call)
-        if last:
+        if index == m.num_blocks - 1:
             self.in_ref, self.out_ref = self.stack_in, out
         return out, "C", 1.0
