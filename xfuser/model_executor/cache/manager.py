@@ -10,6 +10,7 @@ pre-hook on the transformer advances the step counter and reads the real timeste
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -61,6 +62,9 @@ class CacheManager:
         ) not in ("", "0")
         self._installed = False
         self._hook = None
+        params = list(inspect.signature(transformer.forward).parameters)
+        # where the timestep sits when passed positionally (looked up once, not per call)
+        self._timestep_position = params.index(self.adapter.timestep_arg) if self.adapter.timestep_arg in params else None
         self.sequence_shard = None  # set by the USP runner: splits/gathers the streams
         self.reset()
 
@@ -100,11 +104,8 @@ class CacheManager:
         if not self.auto_step:
             return
         timestep = kwargs.get(self.adapter.timestep_arg)
-        if timestep is None:
-            params = list(__import__("inspect").signature(module.forward).parameters)
-            if self.adapter.timestep_arg in params:
-                pos = params.index(self.adapter.timestep_arg)
-                timestep = args[pos] if pos < len(args) else None
+        if timestep is None and self._timestep_position is not None and self._timestep_position < len(args):
+            timestep = args[self._timestep_position]
         self.begin_step(self.adapter.normalised_timestep(timestep))
 
     def begin_step(self, t_norm: float | None = None) -> None:

@@ -48,7 +48,7 @@ class _BlockState:
         self.consecutive = 0
         self.fits_seen = 0  # computed steps since the map became ready (evaluation cadence)
         # held-out squared errors of both predictors, local (pending) and synced (totals)
-        self.pending = torch.zeros(3, dtype=torch.float64)
+        self.pending: torch.Tensor | None = None  # on the model's device: no host sync to add to it
         self.err_reuse = self.err_fit = self.err_norm = 0.0
 
 
@@ -141,9 +141,12 @@ class FastCache(CacheMethod):
         parts = [sum((a - b).float().pow(2).sum() for a, b in zip((*x, *extras), (*st.in_ref, *st.extras_ref)))]
         parts.append(sum(b.float().pow(2).sum() for b in (*st.in_ref, *st.extras_ref)))
         n_tokens = sum(t.shape[0] * t.shape[1] for t in x[:1])
-        vec = torch.cat([torch.stack(parts).double().cpu(), torch.tensor([float(n_tokens)], dtype=torch.float64), st.pending])
-        diff2, ref2, n_total, e_reuse, e_fit, e_norm = m.sync.reduce_sum(vec.to(x[0].device)).tolist()
-        st.pending.zero_()
+        device = x[0].device
+        pending = st.pending if st.pending is not None else torch.zeros(3, dtype=torch.float64, device=device)
+        vec = torch.cat([torch.stack(parts).double(), torch.tensor([float(n_tokens)], dtype=torch.float64, device=device), pending])
+        # the one host read of this block's decision
+        diff2, ref2, n_total, e_reuse, e_fit, e_norm = m.sync.reduce_sum(vec).tolist()
+        st.pending = None
         st.err_reuse += e_reuse
         st.err_fit += e_fit
         st.err_norm += e_norm
@@ -199,13 +202,14 @@ class FastCache(CacheMethod):
             drs = [sub(o - oref) - dx for o, oref, dx in zip(out, st.out_ref, dxs)]  # ΔR: what reuse gets wrong
             if st.maps[0].ready and st.fits_seen % self.EVAL_EVERY == 0:
                 # held-out check of both predictors (fitted on earlier steps only) against the truth
-                e_reuse = e_fit = norm = 0.0
+                e_reuse = e_fit = norm = torch.zeros((), dtype=torch.float32, device=x[0].device)
                 for k, (dx, dr, o, xk) in enumerate(zip(dxs, drs, out, x)):
                     st.maps[k].solve(self.manager.sync)
                     e_reuse += dr.float().pow(2).sum()
                     e_fit += (dr - st.maps[k].correction(dx)).float().pow(2).sum()
                     norm += sub(o - xk).float().pow(2).sum()  # relative to the block's residual
-                st.pending += torch.stack([torch.as_tensor(e_reuse), torch.as_tensor(e_fit), torch.as_tensor(norm)]).double().cpu()
+                errors = torch.stack([e_reuse, e_fit, norm]).double()
+                st.pending = errors if st.pending is None else st.pending + errors
             if st.maps[0].ready:
                 st.fits_seen += 1
             for k, (dx, dr) in enumerate(zip(dxs, drs)):
