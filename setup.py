@@ -33,6 +33,8 @@ setup(
         # GPU only; never required. Needs a CUDA toolchain to build.
         "flash-attn": ["flash-attn>=2.6"],
         "test": ["pytest>=8"],
+        # benchmark peers (benchmark/peers.py); skipped with a message when missing
+        "peers": ["cache-dit>=1.5"],
     },
     package_data={"xfuser": ["model_executor/cache/coefficients/*.json"]},
 )

@@ -1,13 +1,20 @@
-"""Speed and quality of each cache method against the uncached run, on the same inputs.
+"""Speed and quality of each cache method (and of other projects' caches) against the
+uncached run, on the same pipeline, prompts and seeds.
 
-    python benchmark/cache_execute.py                                   # embedded model, all methods
+    python benchmark/cache_execute.py                                   # embedded model, all methods + peers
     python benchmark/cache_execute.py --cache_methods Fast Fb --sweep --num_inference_steps 20
-    python benchmark/cache_execute.py --model_type pixart-sigma-random --height 256 --width 256
+    python benchmark/cache_execute.py --model_type pixart-sigma --model /path/to/PixArt-Sigma-XL-2-1024-MS
 
 For every (prompt, seed) the uncached output is the reference. Latency is the median over
-``--repeats`` timed runs after one untimed warm-up run, all in this process. Quality: PSNR and
-SSIM of the decoded image vs the reference image, relative L2 of the final latents.
-Everything is written to ``--output_dir`` (results.json + images).
+``--repeats`` timed runs after one untimed warm-up run, all in this process; each
+configuration's speed-up is against an uncached latency timed right before it (same cases,
+same repeats), so a drift in the machine's load between configurations does not enter the
+ratio. Quality: PSNR and SSIM of the decoded
+image vs the reference image, relative L2 of the final latents, LPIPS when its weights are
+available locally (otherwise a "skipped" line). Peers (``--peers``, on by default):
+diffusers' built-in cache hooks and cache-dit's DBCache when installed (benchmark/peers.py).
+Everything is written to ``--output_dir``: results.json, every image, and with ``--report``
+the grid, charts and report.html (benchmark/report.py).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,12 +32,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from xfuser import xFuserFastCachePipelineWrapper  # noqa: E402
-from xfuser.config import CacheConfig, default_model_path  # noqa: E402
+from xfuser.config import CacheConfig  # noqa: E402
 from xfuser.logger import init_logger  # noqa: E402
-from xfuser.metrics import psnr, relative_l2, ssim  # noqa: E402
+from xfuser.metrics import LPIPSUnavailable, lpips_scorer, psnr, relative_l2, ssim  # noqa: E402
 from xfuser.model_executor.pipelines.call_args import prepare_call_kwargs  # noqa: E402
+from xfuser.model_executor.pipelines.model_types import all_model_types, call_defaults, default_size, load_pipeline, resolve_model  # noqa: E402
 
 logger = init_logger("benchmark.cache_execute")
 
@@ -39,6 +49,7 @@ SWEEP_THRESHOLDS = {
     "Fb": [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5],
     "Tea": [0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2],
 }
+PEER_THRESHOLDS = [0.02, 0.05, 0.1, 0.2]
 DEFAULT_PROMPTS = [
     "a red circle on a blue background, top left",
     "a yellow triangle on a black background, center",
@@ -46,129 +57,202 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def load(args) -> Any:
-    if args.model_type == "pixart-sigma-random":
-        from xfuser.testing.tiny_pipelines import build_random_pixart_sigma
+class Bench:
+    """The pipeline, its cache wrapper and the fixed inputs every configuration runs on."""
 
-        return build_random_pixart_sigma(num_layers=args.layers, hidden=args.hidden)
-    from diffusers import DiffusionPipeline
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.pipe = load_pipeline(args.model_type, args.model, layers=args.layers, hidden=args.hidden) \
+            if args.model_type == "pixart-sigma-random" else load_pipeline(args.model_type, args.model)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.wrapper = xFuserFastCachePipelineWrapper(self.pipe)
+        size = default_size(args.model_type, args.model)
+        defaults = call_defaults(args.model_type)
+        self.kwargs = prepare_call_kwargs(
+            self.pipe, args.height or size or defaults.pop("height", None), args.width or size or defaults.pop("width", None)
+        )
+        for key, value in defaults.items():
+            self.kwargs.setdefault(key, value)
+        if args.guidance_scale is not None:
+            self.kwargs["guidance_scale"] = args.guidance_scale
+        if args.max_sequence_length is not None:
+            self.kwargs["max_sequence_length"] = args.max_sequence_length
+        self.cases = [(p, s) for p in args.prompts for s in args.seeds]
+        self.out_dir = Path(args.output_dir)
 
-    return DiffusionPipeline.from_pretrained(args.model or default_model_path(), dtype=torch.float32)
+    def run_once(self, prompt: str, seed: int, before: Callable[[], None] | None = None):
+        if before is not None:
+            before()
+        generator = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        latents = self.wrapper(
+            prompt=prompt, num_inference_steps=self.args.num_inference_steps, generator=generator,
+            output_type="latent", **self.kwargs,
+        ).images
+        seconds = time.perf_counter() - start
+        return self.decode(latents), latents, seconds
+
+    def decode(self, latents: torch.Tensor):
+        pipe = self.pipe
+        vae = pipe.vae
+        if hasattr(pipe, "_unpack_latents"):  # Flux packs latents into 2x2 patches
+            latents = pipe._unpack_latents(latents, self.kwargs["height"], self.kwargs["width"], pipe.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+
+    def baseline_latency(self) -> float:
+        """Uncached median latency, timed right before a configuration: a ratio against a
+        baseline taken minutes earlier would absorb any drift of the machine's load."""
+        self.run_once(*self.cases[0])  # warm-up, untimed
+        times = [statistics.median(self.run_once(p, s)[2] for _ in range(self.args.repeats)) for p, s in self.cases]
+        return statistics.median(times)
+
+    def measure(self, name: str, before: Callable[[], None] | None = None, references=None) -> dict[str, Any]:
+        """Median latency over cases x repeats; quality vs ``references``; images saved as ``name``."""
+        self.run_once(*self.cases[0], before)  # warm-up, untimed
+        times, outputs = [], []
+        for prompt, seed in self.cases:
+            per_case = []
+            for _ in range(self.args.repeats):
+                image, latents, seconds = self.run_once(prompt, seed, before)
+                per_case.append(seconds)
+            times.append(statistics.median(per_case))
+            outputs.append((image, latents, self.wrapper.get_cache_statistics()))
+        result: dict[str, Any] = {"latency_s": statistics.median(times), "latency_per_case_s": times, "images": []}
+        for i, (image, _, _) in enumerate(outputs):
+            path = f"{name}_case{i}.png"
+            image.save(self.out_dir / path)
+            result["images"].append(path)
+        if references is not None:
+            result["psnr"] = [psnr(o[0], r[0]) for o, r in zip(outputs, references)]
+            result["ssim"] = [ssim(o[0], r[0]) for o, r in zip(outputs, references)]
+            result["rel_l2_latents"] = [relative_l2(o[1], r[1]) for o, r in zip(outputs, references)]
+            result["psnr_mean"] = statistics.mean(min(p, 100.0) for p in result["psnr"])
+            result["ssim_mean"] = statistics.mean(result["ssim"])
+            result["lpips"] = [self.lpips(o[0], r[0]) for o, r in zip(outputs, references)] if self.lpips else None
+            result["lpips_mean"] = statistics.mean(result["lpips"]) if result["lpips"] else None
+        stats = [o[2] for o in outputs if o[2]]
+        result["hit_ratio"] = statistics.mean(s["hit_ratio"] for s in stats) if stats else None
+        result["compute_fraction"] = statistics.mean(s["compute_fraction"] for s in stats) if stats else None
+        result["stats"] = stats[0] if stats else None
+        return result, outputs
 
 
-def run_once(wrapper, pipe, prompt: str, seed: int, args) -> tuple[Any, torch.Tensor, float]:
-    kwargs = prepare_call_kwargs(pipe, args.height, args.width)
-    if args.guidance_scale is not None:
-        kwargs["guidance_scale"] = args.guidance_scale
-    generator = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    latents = wrapper(prompt=prompt, num_inference_steps=args.num_inference_steps, generator=generator, output_type="latent", **kwargs).images
-    seconds = time.perf_counter() - start
-    with torch.no_grad():
-        image = pipe.image_processor.postprocess(
-            pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0], output_type="pil"
-        )[0]
-    return image, latents, seconds
-
-
-def measure(wrapper, pipe, args, cases, references=None) -> dict[str, Any]:
-    """Median latency over cases x repeats, quality vs ``references`` (same cases)."""
-    times, outputs = [], []
-    run_once(wrapper, pipe, cases[0][0], cases[0][1], args)  # warm-up, untimed
-    for prompt, seed in cases:
-        per_case = []
-        for _ in range(args.repeats):
-            image, latents, seconds = run_once(wrapper, pipe, prompt, seed, args)
-            per_case.append(seconds)
-        times.append(statistics.median(per_case))
-        outputs.append((image, latents, wrapper.get_cache_statistics()))
-    result: dict[str, Any] = {"latency_s": statistics.median(times), "latency_per_case_s": times}
-    if references is not None:
-        result["psnr"] = [psnr(o[0], r[0]) for o, r in zip(outputs, references)]
-        result["ssim"] = [ssim(o[0], r[0]) for o, r in zip(outputs, references)]
-        result["rel_l2_latents"] = [relative_l2(o[1], r[1]) for o, r in zip(outputs, references)]
-        result["psnr_mean"] = statistics.mean(min(p, 100.0) for p in result["psnr"])
-        result["ssim_mean"] = statistics.mean(result["ssim"])
-    stats = [o[2] for o in outputs if o[2]]
-    if stats:
-        result["hit_ratio"] = statistics.mean(s["hit_ratio"] for s in stats)
-        result["compute_fraction"] = statistics.mean(s["compute_fraction"] for s in stats)
-        result["stats"] = stats[0]
-    return result, outputs
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_type", default="pixart", help="pixart | pixart-sigma-random (random 12-layer PixArt-Σ)")
-    parser.add_argument("--model", default=None, help="diffusers model dir (default: the embedded model)")
-    parser.add_argument("--cache_methods", nargs="+", default=["None", "Fast", "Fb", "Tea"])
+    parser.add_argument("--model_type", default="pixart", choices=all_model_types(),
+                        help="pixart = PixArt-Σ pipeline (default model: the embedded one)")
+    parser.add_argument("--model", default=None, help="diffusers model dir or hub id (default: the type's default)")
+    parser.add_argument("--cache_methods", nargs="+", default=["None", "Fast", "Fb", "Tea"], choices=["None", "Fast", "Fb", "Tea"])
     parser.add_argument("--thresholds", nargs="+", type=float, default=None, help="one list for every method")
     parser.add_argument("--sweep", action="store_true", help="threshold sweep per method (speed-quality curves)")
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--guidance_scale", type=float, default=None)
+    parser.add_argument("--max_sequence_length", type=int, default=None)
     parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--motion_threshold", type=float, default=0.1)
+    parser.add_argument("--max_cached_steps", type=int, default=-1, help="CacheConfig.max_cached_steps for our methods")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run diffusers' cache hooks and cache-dit (when installed)")
+    parser.add_argument("--peer_thresholds", nargs="+", type=float, default=PEER_THRESHOLDS)
+    parser.add_argument("--report", action="store_true", help="write grid, charts and report.html (benchmark/report.py)")
     parser.add_argument("--layers", type=int, default=12, help="pixart-sigma-random only")
     parser.add_argument("--hidden", type=int, default=384, help="pixart-sigma-random only")
     parser.add_argument("--output_dir", default="benchmark_results")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_grad_enabled(False)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = load(args)
-    pipe.set_progress_bar_config(disable=True)
-    wrapper = xFuserFastCachePipelineWrapper(pipe)
-    cases = [(p, s) for p in args.prompts for s in args.seeds]
+    bench = Bench(args)
+    try:
+        bench.lpips = lpips_scorer()
+        lpips_info = {"available": True}
+    except LPIPSUnavailable as exc:
+        bench.lpips = None
+        lpips_info = {"available": False, "reason": str(exc)}
+        logger.info("LPIPS %s", exc)
 
     report: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''}, torch threads={torch.get_num_threads()}",
+        "machine": f"{platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, threads={torch.get_num_threads()}",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "model": args.model or (args.model_type if args.model_type != "pixart" else default_model_path()),
+        "model": resolve_model(args.model_type, args.model) or args.model_type,
+        "model_type": args.model_type,
         "num_inference_steps": args.num_inference_steps,
-        "cases": cases,
+        "height": bench.kwargs.get("height"),
+        "width": bench.kwargs.get("width"),
+        "cases": bench.cases,
+        "overhead": {},
         "runs": [],
+        "skipped": [],
+        "lpips": lpips_info,
     }
-    baseline, references = measure(wrapper, pipe, args, cases)
-    for i, (image, _, _) in enumerate(references):
-        image.save(out_dir / f"None_case{i}.png")
-    report["baseline"] = {"latency_s": baseline["latency_s"]}
+    baseline, references = bench.measure("None")
+    report["baseline"] = {k: baseline[k] for k in ("latency_s", "latency_per_case_s", "images")}
     logger.info("uncached: %.3fs", baseline["latency_s"])
+
+    def record(result: dict[str, Any], method: str, threshold: float, kind: str, baseline_s: float) -> None:
+        result.update(method=method, label=f"{method} {threshold:g}", kind=kind, threshold=threshold,
+                      baseline_latency_s=baseline_s, speedup=baseline_s / result["latency_s"])
+        report["runs"].append(result)
+        logger.info("%s %.3g: %.2fx, PSNR %.2f dB, SSIM %.4f, hit %s", method, threshold, result["speedup"],
+                    result["psnr_mean"], result["ssim_mean"], result["hit_ratio"])
 
     for method in args.cache_methods:
         if method == "None":
-            # bookkeeping overhead: the manager installed, every block computed
-            wrapper.enable_cache("Fast", cache_ratio_threshold=0.0, motion_threshold=0.0)
-            forced, _ = measure(wrapper, pipe, args, cases)
-            wrapper.disable_cache()
-            report["overhead_fast_forced_compute"] = forced["latency_s"] / baseline["latency_s"] - 1
-            for m in ("Fb", "Tea"):
-                wrapper.enable_cache(m, cache_ratio_threshold=0.0)
-                forced, _ = measure(wrapper, pipe, args, cases)
-                wrapper.disable_cache()
-                report[f"overhead_{m.lower()}_forced_compute"] = forced["latency_s"] / baseline["latency_s"] - 1
+            # bookkeeping overhead: the manager installed, decisions made, every block computed
+            for m in ("Fast", "Fb", "Tea"):
+                baseline_s = bench.baseline_latency()
+                bench.wrapper.enable_cache(m, cache_ratio_threshold=0.0, motion_threshold=0.0)
+                forced, _ = bench.measure(f"overhead_{m}")
+                bench.wrapper.disable_cache()
+                report["overhead"][m] = forced["latency_s"] / baseline_s - 1
             continue
-        thresholds = args.thresholds or (SWEEP_THRESHOLDS if args.sweep else DEFAULT_THRESHOLDS)[method]
-        for threshold in thresholds:
-            config = CacheConfig(method=method, cache_ratio_threshold=threshold, motion_threshold=args.motion_threshold)
-            wrapper.enable_cache(config=config)
-            result, outputs = measure(wrapper, pipe, args, cases, references)
-            wrapper.disable_cache()
-            result.update(method=method, threshold=threshold, speedup=baseline["latency_s"] / result["latency_s"])
-            for i, (image, _, _) in enumerate(outputs):
-                image.save(out_dir / f"{method}_{threshold:g}_case{i}.png")
-            report["runs"].append(result)
-            logger.info(
-                "%s %.3g: %.2fx, PSNR %.2f dB, SSIM %.4f, hit %.2f",
-                method, threshold, result["speedup"], result["psnr_mean"], result["ssim_mean"], result.get("hit_ratio", 0),
-            )
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))
-    logger.info("wrote %s", out_dir / "results.json")
+        for threshold in args.thresholds or (SWEEP_THRESHOLDS if args.sweep else DEFAULT_THRESHOLDS)[method]:
+            baseline_s = bench.baseline_latency()
+            bench.wrapper.enable_cache(config=CacheConfig(
+                method=method, cache_ratio_threshold=threshold, motion_threshold=args.motion_threshold,
+                max_cached_steps=args.max_cached_steps,
+            ))
+            result, _ = bench.measure(f"{method}_{threshold:g}", references=references)
+            bench.wrapper.disable_cache()
+            record(result, method, threshold, "xfuser", baseline_s)
+
+    if args.peers:
+        from peers import available_peers
+
+        peers, skipped = available_peers(bench.pipe, args.peer_thresholds)
+        report["skipped"] += skipped
+        for entry in skipped:
+            logger.info("peer %s skipped: %s", entry["name"], entry["reason"])
+        for peer in peers:
+            baseline_s = bench.baseline_latency()
+            peer.enable(bench.pipe)
+            try:
+                result, _ = bench.measure(f"{peer.method}_{peer.threshold:g}", before=lambda p=peer: p.reset(bench.pipe), references=references)
+            finally:
+                peer.disable(bench.pipe)
+            record(result, peer.method, peer.threshold, "peer", baseline_s)
+
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    logger.info("wrote %s", path)
+    if args.report:
+        from report import main as report_main
+
+        report_main([str(path)])
     return 0
 
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODEL_TYPE=${MODEL_TYPE:-pixartsigma}          # pixartsigma | pixartalpha | flux
+MODEL_TYPE=${MODEL_TYPE:-pixartsigma}          # pixartsigma | pixartalpha | flux | hunyuandit | cogvideox | consisid | stepvideo
 N_GPUS=${N_GPUS:-2}
 MODEL_ARGS=${MODEL_ARGS:-}                     # e.g. --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --height 1024 --width 1024
 PARALLEL_ARGS=${PARALLEL_ARGS:---ulysses_degree 2}
@@ -15,8 +15,8 @@ CACHE_ARGS=${CACHE_ARGS:---cache_method Fast}
 TASK_ARGS=${TASK_ARGS:---num_inference_steps 20}
 
 case "$MODEL_TYPE" in
-  pixartsigma|pixartalpha|flux) SCRIPT="examples/${MODEL_TYPE}_example.py" ;;
-  *) echo "unknown MODEL_TYPE '$MODEL_TYPE' (pixartsigma | pixartalpha | flux)" >&2; exit 2 ;;
+  pixartsigma|pixartalpha|flux|hunyuandit|cogvideox|consisid|stepvideo) SCRIPT="examples/${MODEL_TYPE}_example.py" ;;
+  *) echo "unknown MODEL_TYPE '$MODEL_TYPE' (pixartsigma | pixartalpha | flux | hunyuandit | cogvideox | consisid | stepvideo)" >&2; exit 2 ;;
 esac
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

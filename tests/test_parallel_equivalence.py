@@ -46,6 +46,11 @@ def _args(model_type: str, prompts, extra, parallel: dict, method: dict):
     )
 
 
+def _latents(out) -> torch.Tensor:
+    """Image pipelines return ``images``, video pipelines ``frames`` (latents with output_type="latent")."""
+    return (out.images if hasattr(out, "images") else out.frames).clone()
+
+
 def _parallel_worker(rank: int, world: int, model_type: str, parallel: dict) -> dict:
     from xfuser.parallel import xDiTParallel
     from xfuser.testing.tiny_pipelines import build_tiny_pipeline
@@ -63,7 +68,7 @@ def _parallel_worker(rank: int, world: int, model_type: str, parallel: dict) -> 
             runner.inputs = inputs
             runner.enable_cache(engine.cache_config)
         out = runner(**{k: v for k, v in extra.items() if k not in ("height", "width", "guidance_scale", "max_sequence_length")})
-        results[name] = {"latents": out.images.clone(), "log": runner.manager.decision_log(), "prompts": runner.local_prompts()}
+        results[name] = {"latents": _latents(out), "log": runner.manager.decision_log(), "prompts": runner.local_prompts()}
     return results
 
 
@@ -86,7 +91,7 @@ def _single_process(model_type: str, prompts, parallel: dict) -> dict:
             prompt=prompts, num_inference_steps=STEPS, output_type="latent",
             generator=torch.Generator().manual_seed(7), **kwargs,
         )
-        out[name] = {"latents": result.images.clone(), "log": wrapper.manager.decision_log()}
+        out[name] = {"latents": _latents(result), "log": wrapper.manager.decision_log()}
     return out
 
 
@@ -100,6 +105,13 @@ CONFIGS = [
     ("pixart-alpha", dict(use_cfg_parallel=True, ulysses_degree=2), 4),
     ("flux", dict(ulysses_degree=2), 2),
     ("flux", dict(ring_degree=2), 2),
+    ("hunyuandit", dict(ulysses_degree=2), 2),
+    ("hunyuandit", dict(use_cfg_parallel=True, ring_degree=2), 4),
+    ("cogvideox", dict(ulysses_degree=2), 2),
+    ("cogvideox", dict(use_cfg_parallel=True), 2),
+    ("cogvideox1.5", dict(ulysses_degree=2), 2),
+    ("consisid", dict(ulysses_degree=2), 2),
+    ("consisid", dict(use_cfg_parallel=True), 2),
 ]
 
 

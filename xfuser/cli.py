@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +36,31 @@ def load_pipeline(pipeline_cls, engine: EngineConfig):
     return pipe
 
 
-def run_example(pipeline_cls, model_name: str, argv: list[str] | None = None, description: str | None = None) -> dict[str, Any]:
-    """Parse, validate, load, run under ``xDiTParallel`` (one process or torchrun), save."""
+def run_example(
+    pipeline_cls,
+    model_name: str,
+    argv: list[str] | None = None,
+    description: str | None = None,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    call_inputs: Callable[[argparse.Namespace, Any], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Parse, validate, load, run under ``xDiTParallel`` (one process or torchrun), save.
+
+    ``add_args`` adds model-specific flags; ``call_inputs(ns, pipe)`` turns them into extra
+    pipeline call arguments (e.g. ConsisID's face embeddings), prepared before the run."""
     from xfuser.core.distributed import destroy_distributed_environment, get_world_group
     from xfuser.parallel import xDiTParallel
 
     parser = xFuserArgs.add_cli_args(argparse.ArgumentParser(description=description))
     parser.add_argument("--output_dir", "--output-dir", default="results", help="where images and stats go (default: results)")
+    if add_args is not None:
+        add_args(parser)
     ns = parser.parse_args(argv)
     engine, inputs = xFuserArgs.from_cli_args(ns).create_config()  # validates before any model loads
     pipe = load_pipeline(pipeline_cls, engine)
     try:
         runner = xDiTParallel(pipe, engine, inputs)
-        runner()
+        runner(**(call_inputs(ns, pipe) if call_inputs is not None else {}))
         out_dir = Path(ns.output_dir)
         name = output_name(model_name, engine)
         report: dict[str, Any] = {"latency_s": runner.latency_s, "model": engine.model_config.model}

@@ -40,3 +40,33 @@ def ssim(image: Any, reference: Any) -> float:
 def relative_l2(latent: torch.Tensor, reference: torch.Tensor) -> float:
     reference = reference.float()
     return float((latent.float() - reference).norm() / reference.norm().clamp_min(1e-12))
+
+
+class LPIPSUnavailable(RuntimeError):
+    """LPIPS needs torchvision and the AlexNet backbone weights; neither is downloaded here."""
+
+
+ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
+
+
+def lpips_scorer():
+    """A ``score(image, reference) -> float`` LPIPS (AlexNet, torchmetrics), or
+    :class:`LPIPSUnavailable` saying what is missing. Never downloads: an offline machine
+    gets a clear "skipped" reason instead of a hanging fetch."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("torchvision") is None:
+        raise LPIPSUnavailable("skipped: no weights (torchvision, which LPIPS's AlexNet backbone needs, is not installed)")
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS
+    if not weights.is_file():
+        raise LPIPSUnavailable(f"skipped: no weights (AlexNet backbone not found at {weights})")
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+
+    def score(image: Any, reference: Any) -> float:
+        a, b = (torch.from_numpy(to_array(x)).permute(2, 0, 1)[None].float() for x in (image, reference))
+        return float(metric(a, b))
+
+    return score

@@ -41,6 +41,13 @@ from xfuser.model_executor.pipelines.fastcache_pipeline import check_method_supp
 
 logger = init_logger(__name__)
 
+def _call_default(pipe, name: str) -> Any:
+    import inspect
+
+    param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
 def _has_cfg(pipe) -> bool:
     return accepts(pipe, "guidance_scale") and accepts(pipe, "negative_prompt") and not hasattr(pipe.transformer.config, "guidance_embeds")
 
@@ -119,10 +126,11 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
                     f"sequence-parallel degree {p.sp_degree}; change --height/--width or the degrees"
                 )
         if "encoder_hidden_states" in adapter.sp_split_streams:
-            n_text = inputs.max_sequence_length or 512
+            n_text = inputs.max_sequence_length or _call_default(pipe, "max_sequence_length") or 512
             if n_text % p.sp_degree:
                 raise ConfigError(
-                    f"--max_sequence_length {n_text} is not divisible by the sequence-parallel degree {p.sp_degree}"
+                    f"the text stream has {n_text} tokens (--max_sequence_length), not divisible by the "
+                    f"sequence-parallel degree {p.sp_degree}; set --max_sequence_length to a multiple of {p.sp_degree}"
                 )
 
     def enable_cache(self, cache_config) -> None:
@@ -150,6 +158,10 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
             kwargs["guidance_scale"] = inputs.guidance_scale
         if inputs.max_sequence_length is not None:
             kwargs["max_sequence_length"] = inputs.max_sequence_length
+        if inputs.num_frames is not None:
+            if not accepts(self.pipe, "num_frames"):
+                raise ConfigError(f"--num_frames: {type(self.pipe).__name__} generates images, not videos")
+            kwargs["num_frames"] = inputs.num_frames
         if inputs.negative_prompt and accepts(self.pipe, "negative_prompt"):
             kwargs["negative_prompt"] = inputs.negative_prompt
         kwargs.update(overrides)
@@ -176,16 +188,28 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         """One rank per replica writes results: the first of its CFG x SP group."""
         return get_cfg_sp_group().is_first_rank
 
-    def save(self, directory: str | Path = "results", prefix: str = "xdit") -> list[str]:
-        if self.output is None or not self.is_output_rank or not hasattr(self.output, "images"):
+    def save(self, directory: str | Path = "results", prefix: str = "xdit", fps: int = 8) -> list[str]:
+        """Images as PNG, videos (pipelines returning ``frames``) as GIF; latents are not saved."""
+        if self.output is None or not self.is_output_rank or self.inputs.output_type != "pil":
             return []
+        items = getattr(self.output, "images", None)
+        video = items is None
+        if video:
+            items = getattr(self.output, "frames", None)
+            if items is None:
+                return []
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         dp = get_dp_group()
         paths = []
-        for i, image in enumerate(self.output.images):
-            suffix = f"_dp{dp.rank_in_group}_{i}" if dp.world_size > 1 or len(self.output.images) > 1 else ""
-            path = directory / f"{prefix}{suffix}.png"
-            image.save(path)
-            paths.append(str(path))
+        for i, item in enumerate(items):
+            suffix = f"_dp{dp.rank_in_group}_{i}" if dp.world_size > 1 or len(items) > 1 else ""
+            if video:
+                from diffusers.utils import export_to_gif
+
+                paths.append(export_to_gif(list(item), str(directory / f"{prefix}{suffix}.gif"), fps=fps))
+            else:
+                path = directory / f"{prefix}{suffix}.png"
+                item.save(path)
+                paths.append(str(path))
         return paths

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
-TINY_MODEL_TYPES = ("pixart-sigma", "pixart-alpha", "flux", "hunyuandit", "cogvideox", "consisid")
+TINY_MODEL_TYPES = ("pixart-sigma", "pixart-alpha", "flux", "hunyuandit", "cogvideox", "cogvideox1.5", "consisid", "stepvideo")
 PROMPT = "a red circle on a blue background, top left"
 
 
@@ -157,13 +157,16 @@ def _video_vae(seed: int):
 _VIDEO_GRID = dict(sample_width=8, sample_height=8, sample_frames=9, patch_size=2, temporal_compression_ratio=4)
 
 
-def _cogvideox(seed: int):
+def _cogvideox(seed: int, v15: bool = False):
+    """CogVideoX 1.0 (learned-free sincos positions) or 1.5 (3D RoPE, 2-frame temporal patches)."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
     torch.manual_seed(seed)
+    # 3D RoPE splits a head into t/h/w parts of head_dim/4, 3/8, 3/8: 16 keeps each even
+    version = dict(patch_size_t=2, use_rotary_positional_embeddings=True, attention_head_dim=16) if v15 else dict(attention_head_dim=8)
     transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=32,
-        text_embed_dim=32, num_layers=2, max_text_seq_length=16, **_VIDEO_GRID,
+        num_attention_heads=4, in_channels=4, out_channels=4, time_embed_dim=32,
+        text_embed_dim=32, num_layers=2, max_text_seq_length=16, **_VIDEO_GRID, **version,
     )
     return CogVideoXPipeline(
         tokenizer=build_t5_tokenizer(), text_encoder=_t5(seed + 1), vae=_video_vae(seed + 2),
@@ -189,13 +192,21 @@ def _consisid(seed: int):
     )
 
 
+def _stepvideo(seed: int):
+    from xfuser.model_executor.models.stepvideo.pipeline import build_tiny_stepvideo_pipeline
+
+    return build_tiny_stepvideo_pipeline(seed)
+
+
 _BUILDERS: dict[str, Callable[[int], Any]] = {
     "pixart-sigma": lambda seed: _pixart("pixart-sigma", seed),
     "pixart-alpha": lambda seed: _pixart("pixart-alpha", seed),
     "flux": _flux,
     "hunyuandit": _hunyuandit,
     "cogvideox": _cogvideox,
+    "cogvideox1.5": lambda seed: _cogvideox(seed, v15=True),
     "consisid": _consisid,
+    "stepvideo": _stepvideo,
 }
 
 
@@ -222,7 +233,7 @@ def tiny_call_kwargs(model_type: str, seed: int = 0) -> dict[str, Any]:
         kwargs.update(height=16, width=16, guidance_scale=3.5, max_sequence_length=16)
     elif model_type == "hunyuandit":
         kwargs.update(height=64, width=64, guidance_scale=3.0, use_resolution_binning=False)
-    elif model_type == "cogvideox":
+    elif model_type in ("cogvideox", "cogvideox1.5"):
         kwargs.update(height=32, width=32, num_frames=9, guidance_scale=3.0, max_sequence_length=16)
     elif model_type == "consisid":
         from PIL import Image
@@ -234,6 +245,10 @@ def tiny_call_kwargs(model_type: str, seed: int = 0) -> dict[str, Any]:
             # what the face encoders would give: an id embedding (LFE_id_dim) and LFE_num_scale ViT feature maps
             id_cond=torch.randn(1, 16, generator=g), id_vit_hidden=[torch.randn(1, 5, 16, generator=g) for _ in range(2)],
         )
+    elif model_type == "stepvideo":
+        from xfuser.model_executor.models.stepvideo.pipeline import tiny_stepvideo_call_kwargs
+
+        kwargs = tiny_stepvideo_call_kwargs(seed)
     else:
         raise ValueError(f"unknown tiny model type {model_type!r}; choose one of {TINY_MODEL_TYPES}")
     return kwargs

@@ -68,3 +68,54 @@ class USPFluxAttnProcessor:
         text, image = out[:, :n_text], out[:, n_text:]
         image = attn.to_out[1](attn.to_out[0](image.contiguous()))
         return image, attn.to_add_out(text.contiguous())
+
+
+class USPHunyuanSelfAttnProcessor:
+    """For HunyuanDiT's ``attn1``: image self-attention with QK LayerNorm and 2D RoPE; the
+    rotary rows handed in are this rank's slice (the adapter slices them per block)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, image_rotary_emb=None):
+        if attention_mask is not None or encoder_hidden_states is not None or attn.spatial_norm is not None or attn.group_norm is not None:
+            raise NotImplementedError("USP HunyuanDiT self-attention supports no mask / context / group or spatial norm")
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        # HunyuanDiT's own processor uses SDPA's default 1/sqrt(head_dim) scale
+        out = usp_attention(query, key, value).flatten(2, 3).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+class USPCogVideoXAttnProcessor:
+    """For CogVideoX / ConsisID joint attention over ``[text; video]``. Both streams are split
+    across SP ranks, so each rank's joint sequence is ``[its text rows; its video rows]``; the
+    rotary rows handed in are this rank's video slice."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        if attention_mask is not None:
+            raise NotImplementedError("USP CogVideoX attention does not support attention masks")
+        n_text = encoder_hidden_states.shape[1]
+        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        query = attn.to_q(joint).unflatten(-1, (attn.heads, -1))
+        key = attn.to_k(joint).unflatten(-1, (attn.heads, -1))
+        value = attn.to_v(joint).unflatten(-1, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = torch.cat([query[:, :n_text], apply_rotary_emb(query[:, n_text:], image_rotary_emb, sequence_dim=1)], dim=1)
+            if not attn.is_cross_attention:
+                key = torch.cat([key[:, :n_text], apply_rotary_emb(key[:, n_text:], image_rotary_emb, sequence_dim=1)], dim=1)
+        out = usp_attention(query, key, value).flatten(2, 3).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out[:, n_text:], out[:, :n_text]

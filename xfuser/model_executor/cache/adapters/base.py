@@ -146,6 +146,19 @@ class BlockAdapter:
     def shard_block_kwargs(self, call: BlockCall, rank: int, world: int, full_lengths: dict[str, int]) -> None:
         """Slice per-token call arguments other than the streams (e.g. rotary embeddings)."""
 
+    @staticmethod
+    def slice_rotary(call: BlockCall, name: str, rank: int, world: int) -> None:
+        """Keep this rank's rows of a per-image-token rotary embedding (tensor or (cos, sin)):
+        the image stream is split into ``world`` contiguous chunks, so are its positions."""
+        rope = call.arg(name)
+        if rope is None:
+            return
+
+        def local(x: torch.Tensor) -> torch.Tensor:
+            return x.chunk(world, dim=0)[rank]
+
+        call.bound.arguments[name] = tuple(local(x) for x in rope) if isinstance(rope, (tuple, list)) else local(rope)
+
     def run_token_subset(self, call: BlockCall, index: torch.Tensor) -> Streams:
         """Compute the block for tokens ``index`` of the first stream only, attending to the
         keys/values of *all* tokens; other rows are returned unchanged (the caller fills them)."""

@@ -1,5 +1,6 @@
 """HunyuanDiT: one image stream; blocks in the second half also read a long skip connection
-from the first half, so the skip is an extra input of the change metric."""
+from the first half, so the skip is an extra input of the change metric. Under sequence
+parallel the skips are block outputs, hence already this rank's tokens."""
 from __future__ import annotations
 
 import torch
@@ -17,6 +18,18 @@ class HunyuanDiTAdapter(BlockAdapter):
     extra_inputs = ("skip",)
     timestep_arg = "timestep"
     timestep_max = 1000.0
+    supports_sequence_parallel = True
+    sp_split_streams = ("hidden_states",)  # text is cross-attention context: replicated
+
+    def install_usp_processors(self, transformer) -> None:
+        from xfuser.model_executor.layers.usp_attention import USPHunyuanSelfAttnProcessor
+
+        for _, block in self.iter_blocks(transformer):
+            block.attn1.set_processor(USPHunyuanSelfAttnProcessor())
+
+    def shard_block_kwargs(self, call: BlockCall, rank: int, world: int, full_lengths: dict[str, int]) -> None:
+        # attn1 rotates queries and keys, attn2 rotates the image queries: both get this rank's rows
+        self.slice_rotary(call, "image_rotary_emb", rank, world)
 
     def modulated_input(self, call: BlockCall) -> torch.Tensor:
         return call.block.norm1(call.arg("hidden_states"), call.arg("temb"))

@@ -1,0 +1,227 @@
+"""The benchmark and example scripts end to end on tiny models, the quality metrics on known
+image pairs, and the peers' set-up/tear-down (a peer must leave the pipeline as it found it)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xfuser.metrics import LPIPSUnavailable, lpips_scorer, psnr, relative_l2, ssim
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_identical_images_give_infinite_psnr_and_unit_ssim():
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert psnr(img, img.copy()) == math.inf
+    assert ssim(img, img.copy()) == pytest.approx(1.0)
+
+
+def test_known_offset_gives_known_psnr():
+    ref = np.full((32, 32, 3), 100, dtype=np.uint8)
+    img = np.full((32, 32, 3), 110, dtype=np.uint8)
+    assert psnr(img, ref) == pytest.approx(20 * math.log10(255 / 10), abs=1e-6)  # 28.13 dB
+    noise = np.random.default_rng(1).normal(0, 0.05, (64, 64, 3))
+    noisy = np.clip(0.5 + noise, 0, 1)
+    expected = 10 * math.log10(1 / np.mean((noisy - 0.5) ** 2))
+    assert psnr(noisy, np.full_like(noisy, 0.5)) == pytest.approx(expected, abs=1e-6)
+    assert ssim(noisy, np.full_like(noisy, 0.5)) < 0.9
+
+
+def test_relative_l2():
+    a = torch.ones(4, 4)
+    assert relative_l2(a * 1.1, a) == pytest.approx(0.1, rel=1e-5)
+    assert relative_l2(a, a) == 0.0
+
+
+def test_lpips_scores_or_says_why_it_is_skipped():
+    try:
+        score = lpips_scorer()
+    except LPIPSUnavailable as exc:
+        assert str(exc).startswith("skipped: no weights")
+        return
+    img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert score(img, img) == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ peers
+def _tiny_run(pipe):
+    from xfuser.testing.tiny_pipelines import tiny_call_kwargs
+
+    kwargs = tiny_call_kwargs("pixart-sigma")
+    kwargs["num_inference_steps"] = 6
+    return pipe(**kwargs).images
+
+
+@pytest.fixture(scope="module")
+def tiny_pixart():
+    from xfuser.testing.tiny_pipelines import build_tiny_pipeline
+
+    torch.set_grad_enabled(False)
+    pipe = build_tiny_pipeline("pixart-sigma")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_every_peer_changes_the_output_and_leaves_the_pipeline_as_it_was(tiny_pixart):
+    peers_module = _load("benchmark/peers.py", "peers")
+    pipe = tiny_pixart
+    reference = _tiny_run(pipe)
+    cls = type(pipe.transformer)
+    peers, skipped = peers_module.available_peers(pipe, [5.0])  # huge threshold: every peer caches
+    names = {p.method for p in peers} | {s["name"] for s in skipped}
+    assert {"diffusers-FBCache", "diffusers-TaylorSeer", "diffusers-PAB"} <= names
+    assert any("cache-dit" in n for n in names)
+    for peer in peers:
+        peer.enable(pipe)
+        try:
+            peer.reset(pipe)
+            first = _tiny_run(pipe)
+            peer.reset(pipe)
+            again = _tiny_run(pipe)
+        finally:
+            peer.disable(pipe)
+        assert not torch.equal(first, reference), f"{peer.label} changed nothing: it is not running"
+        assert torch.equal(first, again), f"{peer.label}: state leaked between generations"
+        assert type(pipe.transformer) is cls
+        assert torch.equal(_tiny_run(pipe), reference), f"{peer.label} left hooks behind"
+
+
+# ------------------------------------------------------------------------------ scripts
+def test_cache_execute_end_to_end_with_peers_and_report(tmp_path):
+    bench = _load("benchmark/cache_execute.py", "cache_execute")
+    out = tmp_path / "bench"
+    assert bench.main([
+        "--model_type", "tiny-pixart-sigma", "--num_inference_steps", "3", "--repeats", "1",
+        "--thresholds", "0", "0.5", "--motion_threshold", "0", "--prompts", "a red circle", "a blue square",
+        "--peer_thresholds", "0.5", "--report", "--output_dir", str(out),
+    ]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["lpips"]["available"] or results["lpips"]["reason"].startswith("skipped")
+    assert set(results["overhead"]) == {"Fast", "Fb", "Tea"}
+    kinds = {(r["method"], r["kind"]) for r in results["runs"]}
+    assert {("Fast", "xfuser"), ("Fb", "xfuser"), ("Tea", "xfuser"), ("diffusers-FBCache", "peer")} <= kinds
+    for run in results["runs"]:
+        assert len(run["images"]) == 2 and all((out / p).is_file() for p in run["images"])
+        assert run["speedup"] == pytest.approx(run["baseline_latency_s"] / run["latency_s"])
+        if run["kind"] == "xfuser" and run["threshold"] == 0:
+            # threshold 0 reuses nothing: the image is the uncached one, exactly
+            assert run["psnr"] == [math.inf, math.inf] and run["hit_ratio"] == 0.0
+    for name in ("report.html", "comparison_grid.png", "speed_quality.png"):
+        assert (out / name).is_file()
+
+
+def test_run_fastcache_test_compares_with_the_uncached_image(tmp_path):
+    script = _load("examples/run_fastcache_test.py", "run_fastcache_test")
+    result = script.main([
+        "--model_type", "tiny-pixart-sigma", "--num_inference_steps", "3", "--cache_method", "Fb",
+        "--cache_ratio_threshold", "0", "--compare_baseline", "--output_dir", str(tmp_path),
+    ])
+    assert result["psnr"] == math.inf and result["speedup"] > 0
+    stats = json.loads((tmp_path / "tiny-pixart-sigma_Fb_stats.json").read_text())
+    assert stats["cache"]["method"] == "Fb" and stats["cache"]["num_steps"] == 3
+    assert (tmp_path / "tiny-pixart-sigma_Fb.png").is_file() and (tmp_path / "tiny-pixart-sigma_None.png").is_file()
+
+
+def test_run_fastcache_test_rejects_bad_threshold_before_loading(tmp_path, monkeypatch):
+    from xfuser.config.config import ConfigError
+
+    script = _load("examples/run_fastcache_test.py", "run_fastcache_test_bad")
+    monkeypatch.setattr(script, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model for bad input"))
+    with pytest.raises(ConfigError, match="cache_ratio_threshold"):
+        script.main(["--model_type", "tiny-pixart-sigma", "--cache_ratio_threshold", "-1", "--output_dir", str(tmp_path)])
+
+
+def test_benchmark_shell_script_writes_the_report(tmp_path):
+    env = {**os.environ, "OUTPUT_DIR": str(tmp_path / "out"), "OMP_NUM_THREADS": "1", "STEPS": "2"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "examples/run_fastcache_benchmark.sh"), "tiny-pixart-sigma", "--",
+         "--repeats", "1", "--thresholds", "0.5", "--prompts", "a red circle", "--no-peers"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in results["runs"]} == {"Fast", "Fb", "Tea"}
+    assert (out / "report.html").is_file() and (out / "comparison_grid.png").is_file()
+
+
+def test_video_benchmark_end_to_end(tmp_path):
+    video = _load("benchmark/video_cache_execute.py", "video_cache_execute")
+    out = tmp_path / "video"
+    assert video.main([
+        "--model_type", "tiny-cogvideox", "--num_inference_steps", "2", "--num_frames", "5",
+        "--cache_methods", "All", "--cache_ratio_threshold", "0", "--motion_threshold", "0", "--output_dir", str(out),
+    ]) == 0
+    results = json.loads((out / "results.json").read_text())
+    frames = results["num_frames"]  # what the tiny VAE decodes 2 latent frames into
+    assert frames >= 3
+    assert {r["method"] for r in results["runs"]} == {"Fast", "Fb", "Tea"}
+    for run in results["runs"]:
+        assert len(run["psnr_per_frame"]) == frames and all(p == math.inf for p in run["psnr_per_frame"])
+        assert run["rel_l2_latents"] == [0.0]
+        assert (out / run["images"][0]).is_file() and (out / f"{run['method']}_0_stats.json").is_file()
+    assert (out / "None.gif").is_file() and (out / "report.html").is_file()
+
+
+@pytest.mark.parametrize("script,model_type,extra", [
+    ("examples/hunyuandit_example.py", "hunyuandit", ["--height", "64", "--width", "64"]),
+    ("examples/stepvideo_example.py", "stepvideo", ["--height", "32", "--width", "32", "--num_frames", "9",
+                                                    "--max_sequence_length", "16"]),
+])
+def test_model_examples_run_from_a_saved_checkpoint(tmp_path, script, model_type, extra):
+    from xfuser.testing.tiny_pipelines import save_tiny_pipeline
+
+    model = save_tiny_pipeline(model_type, tmp_path / "model")
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), "--model", str(model), "--num_inference_steps", "3", "--cache_method", "Fast",
+         "--guidance_scale", "3", "--output_dir", str(out), *extra],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    suffix = "gif" if model_type == "stepvideo" else "png"
+    assert (out / f"{model_type}_dp1_cfg1_ulysses1_ring1_pp1_patch1_Fast.{suffix}").is_file()
+    assert (out / f"{model_type}_dp1_cfg1_ulysses1_ring1_pp1_patch1_Fast_stats.json").is_file()
+
+
+def test_consisid_example_with_precomputed_face_embeddings_on_2_ranks(tmp_path):
+    from xfuser.testing.multiprocess import run_torchrun
+    from xfuser.testing.tiny_pipelines import save_tiny_pipeline, tiny_call_kwargs
+
+    model = save_tiny_pipeline("consisid", tmp_path / "model")
+    face = {k: tiny_call_kwargs("consisid")[k] for k in ("image", "id_cond", "id_vit_hidden")}
+    torch.save(face, tmp_path / "face.pt")
+    out = tmp_path / "results"
+    proc = run_torchrun(
+        ["examples/consisid_example.py", "--model", str(model), "--face_embeddings", str(tmp_path / "face.pt"),
+         "--ulysses_degree", "2", "--num_inference_steps", "3", "--cache_method", "Tea", "--height", "32", "--width", "32",
+         "--num_frames", "9", "--max_sequence_length", "16", "--guidance_scale", "3", "--output_dir", str(out),
+         "--debug_cache_agreement"],
+        nproc_per_node=2, timeout_s=240, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "consisid_dp1_cfg1_ulysses2_ring1_pp1_patch1_Tea.gif").is_file()
+
+
+def test_consisid_example_needs_a_face(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/consisid_example.py"), "--model", "x"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and "--img_file_path" in proc.stderr

@@ -1,0 +1,121 @@
+"""``--model_type`` names shared by the examples and benchmarks, and how each one loads.
+
+A model type fixes the diffusers pipeline class, the checkpoint used when ``--model`` is not
+given, and the size used for hub ids (768 px, as xDiT's examples; the embedded model and local
+folders run at their native size).
+``tiny-<family>`` builds the random tiny pipeline of the test suite (no files needed);
+``pixart-sigma-random`` a random 12-block PixArt-Σ at 256 px (for timing, not quality).
+Every checkpoint goes through ``DiffusionPipeline.from_pretrained`` so a real hub folder and a
+locally saved one take the same path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from xfuser.config.config import ConfigError
+from xfuser.config.defaults import default_model_path
+
+
+@dataclass(frozen=True)
+class ModelType:
+    pipeline_class: str
+    default_model: str | None  # None: the embedded model
+    hub_size: int | None  # pixels, for a hub checkpoint; None = the checkpoint's native size
+    video: bool = False
+
+
+MODEL_TYPES: dict[str, ModelType] = {
+    "pixart": ModelType("PixArtSigmaPipeline", None, None),
+    "pixart-sigma": ModelType("PixArtSigmaPipeline", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", 768),
+    "pixart-alpha": ModelType("PixArtAlphaPipeline", "PixArt-alpha/PixArt-XL-2-1024-MS", 768),
+    "flux": ModelType("FluxPipeline", "black-forest-labs/FLUX.1-schnell", 768),
+    "hunyuandit": ModelType("HunyuanDiTPipeline", "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers", 768),
+    "cogvideox": ModelType("CogVideoXPipeline", "THUDM/CogVideoX1.5-5B", None, video=True),
+    "consisid": ModelType("ConsisIDPipeline", "BestWishYsh/ConsisID-preview", None, video=True),
+    # not in diffusers: our StepVideoPipeline (official transformer layout; see its module docstring)
+    "stepvideo": ModelType("StepVideoPipeline", "stepfun-ai/stepvideo-t2v", None, video=True),
+}
+RANDOM_TYPES = ("pixart-sigma-random",)
+
+
+def all_model_types() -> list[str]:
+    from xfuser.testing.tiny_pipelines import TINY_MODEL_TYPES
+
+    return [*MODEL_TYPES, *RANDOM_TYPES, *(f"tiny-{t}" for t in TINY_MODEL_TYPES)]
+
+
+def video_model_types() -> list[str]:
+    from xfuser.testing.tiny_pipelines import TINY_MODEL_TYPES
+
+    return [*(t for t, e in MODEL_TYPES.items() if e.video), *(f"tiny-{t}" for t in TINY_MODEL_TYPES if _is_video_tiny(t))]
+
+
+def _is_video_tiny(family: str) -> bool:
+    return family.startswith(("cogvideox", "consisid", "stepvideo"))
+
+
+def pipeline_class(name: str):
+    """A diffusers pipeline class by name, or one of ours that diffusers does not ship."""
+    import diffusers
+
+    if name == "StepVideoPipeline":
+        from xfuser.model_executor.models.stepvideo.pipeline import StepVideoPipeline
+
+        return StepVideoPipeline
+    return getattr(diffusers, name)
+
+
+def check_model_type(model_type: str) -> None:
+    if model_type not in all_model_types():
+        raise ConfigError(f"--model_type {model_type!r} is unknown; choose one of {all_model_types()}")
+
+
+def resolve_model(model_type: str, model: str | None) -> str | None:
+    """The checkpoint a run loads: ``--model`` if given, else the type's default."""
+    check_model_type(model_type)
+    if model is not None:
+        return model
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type].default_model or default_model_path()
+    return None  # built in memory
+
+
+def default_size(model_type: str, model: str | None) -> int | None:
+    """Hub ids run at the type's hub size; the embedded model and local folders at their native size."""
+    from pathlib import Path
+
+    entry = MODEL_TYPES.get(model_type)
+    resolved = resolve_model(model_type, model)
+    if entry is None or entry.hub_size is None or resolved is None or Path(resolved).exists():
+        return None
+    return entry.hub_size
+
+
+def call_defaults(model_type: str) -> dict[str, Any]:
+    """Size/frames/guidance a ``tiny-*`` type runs at (what the test suite uses); {} otherwise."""
+    if not model_type.startswith("tiny-"):
+        return {}
+    from xfuser.testing.tiny_pipelines import tiny_call_kwargs
+
+    kwargs = tiny_call_kwargs(model_type[len("tiny-"):])
+    for key in ("prompt", "generator", "num_inference_steps", "output_type"):
+        kwargs.pop(key, None)
+    return kwargs
+
+
+def load_pipeline(model_type: str, model: str | None = None, dtype: torch.dtype = torch.float32, **random_kwargs: Any):
+    """The pipeline for ``--model_type``/``--model`` (validated first: nothing loads on bad input)."""
+    check_model_type(model_type)
+    if model_type.startswith("tiny-"):
+        from xfuser.testing.tiny_pipelines import build_tiny_pipeline
+
+        return build_tiny_pipeline(model_type[len("tiny-"):], dtype=dtype)
+    if model_type == "pixart-sigma-random":
+        from xfuser.testing.tiny_pipelines import build_random_pixart_sigma
+
+        return build_random_pixart_sigma(**random_kwargs).to(dtype=dtype)
+    cls = pipeline_class(MODEL_TYPES[model_type].pipeline_class)
+    return cls.from_pretrained(resolve_model(model_type, model), dtype=dtype)
