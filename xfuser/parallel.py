@@ -129,8 +129,8 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
             n_text = inputs.max_sequence_length or _call_default(pipe, "max_sequence_length") or 512
             if n_text % p.sp_degree:
                 raise ConfigError(
-                    f"the text stream has {n_text} tokens (--max_sequence_length), not divisible by the "
-                    f"sequence-parallel degree {p.sp_degree}; set --max_sequence_length to a multiple of {p.sp_degree}"
+                    f"--max_sequence_length {n_text}: the text stream is split over the sequence-parallel ranks and "
+                    f"{n_text} tokens are not divisible by the degree {p.sp_degree}; use a multiple of {p.sp_degree}"
                 )
 
     def enable_cache(self, cache_config) -> None:
