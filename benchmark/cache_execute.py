@@ -45,10 +45,12 @@ logger = init_logger("benchmark.cache_execute")
 
 DEFAULT_THRESHOLDS = {"Fast": [0.05, 0.1, 0.2], "Fb": [0.05, 0.1, 0.2], "Tea": [0.1, 0.3, 0.6]}
 SWEEP_THRESHOLDS = {
-    "Fast": [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5],
-    "Fb": [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5],
-    "Tea": [0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2],
+    "Fast": [0.02, 0.05, 0.1, 0.2, 0.5],
+    "Fb": [0.05, 0.1, 0.2, 0.5],
+    "Tea": [0.05, 0.1, 0.2, 0.5, 1.0],
 }
+# max_cached_steps swept for every method alike: -1 (no cap), at most 1 or 2 skipped steps in a row
+SWEEP_CAPS = [-1, 1, 2]
 PEER_THRESHOLDS = [0.02, 0.05, 0.1, 0.2]
 DEFAULT_PROMPTS = [
     "a red circle on a blue background, top left",
@@ -139,6 +141,15 @@ class Bench:
         return result, outputs
 
 
+def sweep_points(method: str, args: argparse.Namespace) -> list[tuple[float, int]]:
+    """(threshold, max_cached_steps) pairs one method runs at."""
+    if args.thresholds:
+        return [(t, args.max_cached_steps) for t in args.thresholds]
+    if args.sweep:
+        return [(t, cap) for cap in SWEEP_CAPS for t in SWEEP_THRESHOLDS[method]]
+    return [(t, args.max_cached_steps) for t in DEFAULT_THRESHOLDS[method]]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_type", default="pixart", choices=all_model_types(),
@@ -156,7 +167,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--motion_threshold", type=float, default=0.1)
-    parser.add_argument("--max_cached_steps", type=int, default=-1, help="CacheConfig.max_cached_steps for our methods")
+    parser.add_argument("--max_cached_steps", type=int, default=-1,
+                        help="CacheConfig.max_cached_steps for our methods (--sweep sweeps -1, 1, 2)")
+    parser.add_argument("--approximation", default="extrapolate", choices=["extrapolate", "reuse", "fitted", "auto"],
+                        help="FastCache's stand-in for a skipped block (CacheConfig.approximation)")
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                         help="also run diffusers' cache hooks and cache-dit (when installed)")
     parser.add_argument("--peer_thresholds", nargs="+", type=float, default=PEER_THRESHOLDS)
@@ -203,11 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     report["baseline"] = {k: baseline[k] for k in ("latency_s", "latency_per_case_s", "images")}
     logger.info("uncached: %.3fs", baseline["latency_s"])
 
-    def record(result: dict[str, Any], method: str, threshold: float, kind: str, baseline_s: float) -> None:
-        result.update(method=method, label=f"{method} {threshold:g}", kind=kind, threshold=threshold,
+    def record(result: dict[str, Any], method: str, threshold: float, kind: str, baseline_s: float, cap: int = -1) -> None:
+        label = f"{method} {threshold:g}" + (f" cap {cap}" if cap >= 0 else "")
+        result.update(method=method, label=label, kind=kind, threshold=threshold, max_cached_steps=cap,
                       baseline_latency_s=baseline_s, speedup=baseline_s / result["latency_s"])
         report["runs"].append(result)
-        logger.info("%s %.3g: %.2fx, PSNR %.2f dB, SSIM %.4f, hit %s", method, threshold, result["speedup"],
+        logger.info("%s: %.2fx, PSNR %.2f dB, SSIM %.4f, hit %s", label, result["speedup"],
                     result["psnr_mean"], result["ssim_mean"], result["hit_ratio"])
 
     for method in args.cache_methods:
@@ -220,15 +235,16 @@ def main(argv: list[str] | None = None) -> int:
                 bench.wrapper.disable_cache()
                 report["overhead"][m] = forced["latency_s"] / baseline_s - 1
             continue
-        for threshold in args.thresholds or (SWEEP_THRESHOLDS if args.sweep else DEFAULT_THRESHOLDS)[method]:
+        for threshold, cap in sweep_points(method, args):
             baseline_s = bench.baseline_latency()
             bench.wrapper.enable_cache(config=CacheConfig(
                 method=method, cache_ratio_threshold=threshold, motion_threshold=args.motion_threshold,
-                max_cached_steps=args.max_cached_steps,
+                max_cached_steps=cap, **({"approximation": args.approximation} if method == "Fast" else {}),
             ))
-            result, _ = bench.measure(f"{method}_{threshold:g}", references=references)
+            suffix = f"_cap{cap}" if cap >= 0 else ""
+            result, _ = bench.measure(f"{method}_{threshold:g}{suffix}", references=references)
             bench.wrapper.disable_cache()
-            record(result, method, threshold, "xfuser", baseline_s)
+            record(result, method, threshold, "xfuser", baseline_s, cap)
 
     if args.peers:
         from peers import available_peers

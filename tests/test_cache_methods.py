@@ -234,3 +234,42 @@ def test_methods_run_in_fp32_and_bf16(method, dtype):
     outs, stats = run_with(model, method=method, cache_ratio_threshold=0.2, motion_threshold=0.5, local=True, steps=6)
     assert all(o.isfinite().all() for o in outs)
     assert stats["hit_ratio"] > 0
+
+
+def test_extrapolation_is_exact_for_a_residual_linear_in_time():
+    """A block whose residual is a + b·t is forecast exactly from two computed steps."""
+    from xfuser.model_executor.cache.methods.fast import FastCache
+
+    class LinearInTime(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = 0.0
+            self.a, self.b = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+
+        def forward(self, hidden_states):
+            return hidden_states + self.a + self.b * self.t
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList([LinearInTime()])
+
+    from xfuser.model_executor.cache.adapters.base import BlockAdapter
+
+    stack = Stack()
+    manager = CacheManager(stack, CacheConfig(method="Fast", cache_ratio_threshold=10.0, motion_threshold=0.0,
+                                              cache_warmup_steps=2, approximation="extrapolate"),
+                           adapter=BlockAdapter()).install()
+    assert isinstance(manager.method, FastCache)
+    manager.auto_step = False
+    manager.reset(6)
+    x = torch.randn(1, 4, 8)
+    block = stack.transformer_blocks[0]
+    actions = []
+    for step, t in enumerate([1.0, 0.8, 0.6, 0.4, 0.2, 0.0]):
+        manager.begin_step(t)
+        block.block.t = t  # the installed CachedBlock wraps the real block
+        got = block(x)
+        actions.append("".join(manager.stats.steps[-1]["actions"]))
+        torch.testing.assert_close(got, x + block.block.a + block.block.b * t, rtol=1e-5, atol=1e-5)
+    assert "R" in actions, actions

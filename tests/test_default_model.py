@@ -100,3 +100,27 @@ def test_same_seed_is_deterministic(pipe):
     a = _gen(pipe, PROMPTS[0], seed=123, output_type="np")
     b = _gen(pipe, PROMPTS[0], seed=123, output_type="np")
     np.testing.assert_array_equal(a, b)
+
+
+def test_fast_extrapolation_beats_reuse_on_the_trained_model(pipe):
+    """On identical decisions (one skip at a time), FastCache's residual forecast stays closer
+    to the uncached image than residual reuse. On random-weight models it need not (their
+    residuals are not smooth in t), which is why this is checked on the trained model."""
+    from xfuser import xFuserFastCachePipelineWrapper
+    from xfuser.metrics import psnr
+
+    prompt = "a red circle on a blue background, top left"
+    reference = _gen(pipe, prompt, 0)
+    wrapper = xFuserFastCachePipelineWrapper(pipe)
+    quality, logs = {}, []
+    try:
+        for approximation in ("reuse", "extrapolate"):
+            wrapper.enable_cache("Fast", cache_ratio_threshold=5.0, motion_threshold=0.0, max_cached_steps=1,
+                                 approximation=approximation)
+            image = _gen(wrapper, prompt, 0)
+            logs.append([s["actions"] for s in wrapper.get_cache_statistics()["per_step"]])
+            quality[approximation] = psnr(image, reference)
+    finally:
+        wrapper.disable_cache()
+    assert logs[0] == logs[1] and sum("R" in a for a in logs[0]) >= 8
+    assert quality["extrapolate"] > quality["reuse"] + 3.0, quality

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from xfuser.config.config import (
+    APPROXIMATIONS,
     CACHE_METHODS,
     DTYPES,
     CacheConfig,
@@ -87,7 +88,7 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
     significance_level: float = 0.05
     cache_warmup_steps: int = 1
     max_cached_steps: int = -1
-    approximation: str = "reuse"
+    approximation: str = "extrapolate"
     tea_coefficients: str | None = None
     debug_cache_agreement: bool = False
 
@@ -125,7 +126,8 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
         _add(c, "significance_level", type=float, default=0.05, help="FastCache χ² test α; smaller skips more (0.05)")
         _add(c, "cache_warmup_steps", type=int, default=1, help="first steps that always compute (1)")
         _add(c, "max_cached_steps", type=int, default=-1, help="max consecutive cached steps, -1 = no cap (-1)")
-        _add(c, "approximation", default="reuse", choices=["auto", "fitted", "reuse"], help="FastCache skipped-block map (reuse)")
+        _add(c, "approximation", default="extrapolate", choices=list(APPROXIMATIONS),
+             help="FastCache's stand-in for a skipped block's residual: extrapolate (first-order forecast, default) | reuse | fitted | auto")
         _add(c, "tea_coefficients", default=None, help="JSON file from the calibrate command (TeaCache)")
         _add(c, "debug_cache_agreement", action="store_true", help="verify cache decisions match on all ranks")
         return parser

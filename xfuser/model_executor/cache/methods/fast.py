@@ -50,6 +50,8 @@ class _BlockState:
         # held-out squared errors of both predictors, local (pending) and synced (totals)
         self.pending: torch.Tensor | None = None  # on the model's device: no host sync to add to it
         self.err_reuse = self.err_fit = self.err_norm = 0.0
+        # (t, residuals) of the last two whole-block computes: first-order forecast of the residual
+        self.history: list[tuple[float, list[torch.Tensor]]] = []
 
 
 class FastCache(CacheMethod):
@@ -178,11 +180,31 @@ class FastCache(CacheMethod):
             return True
         return st.err_norm > 0 and st.err_fit < st.err_reuse  # auto: the better on held-out steps
 
+    def _slope(self, st: _BlockState) -> float | None:
+        """Steps of the residual's last change to extrapolate by: (t_now − t_ref)/(t_ref − t_prev)."""
+        if self.approximation != "extrapolate" or len(st.history) < 2:
+            return None
+        (t_prev, _), (t_ref, _) = st.history
+        t_now = self._clock()
+        if t_ref == t_prev:
+            return None
+        return (t_now - t_ref) / (t_ref - t_prev)
+
+    def _clock(self) -> float:
+        """The denoising position the forecast runs on: the real timestep when known, else the step."""
+        m = self.manager
+        return float(m.t_norm) if m.t_norm is not None else float(m.step)
+
     def _approximate(self, st: _BlockState, x: Streams, use_fit: bool) -> Streams:
         out = []
+        slope = self._slope(st)
         for k, (xk, ref, yref) in enumerate(zip(x, st.in_ref, st.out_ref)):
             dx = xk - ref
             y = yref + dx
+            if slope is not None:
+                # R(t) ≈ R_ref + slope·(R_ref − R_prev): the residual's trend between the last two computes
+                r_prev, r_ref = st.history[0][1][k], st.history[1][1][k]
+                y = y + slope * (r_ref - r_prev)
             if use_fit:
                 st.maps[k].solve(self.manager.sync)
                 y = y + st.maps[k].correction(dx)
@@ -215,6 +237,8 @@ class FastCache(CacheMethod):
             for k, (dx, dr) in enumerate(zip(dxs, drs)):
                 st.maps[k].observe(dx, dr)
         st.in_ref, st.extras_ref, st.out_ref = tuple(x), tuple(extras), list(out)
+        if self.approximation == "extrapolate":
+            st.history = [*st.history[-1:], (self._clock(), [o - i for o, i in zip(out, x)])]
         return out
 
     def _compute_partial(self, st: _BlockState, call: BlockCall) -> Streams:
@@ -233,6 +257,7 @@ class FastCache(CacheMethod):
         out_ref[0][:, rows] = out[0][:, rows]
         st.in_ref, st.out_ref = tuple(in_ref), out_ref
         st.extras_ref = tuple(call.extras)
+        st.history = []  # a partly computed residual is no point of the trend
         return tuple(out)
 
     def held_out_errors(self) -> dict[int, dict[str, float]]:
