@@ -7,8 +7,9 @@ Accepts every xFuserArgs flag (model, sizes, degrees, cache knobs). For each met
 untimed warm-up generation, then ``--repeats`` timed ones (median), the hit ratio, and the
 bytes this rank sent per image: USP attention (Ulysses all-to-alls + Ring K/V hops, counted
 from tensor sizes) plus every coordinator collective (gathers, CFG exchange, cache metric
-reductions). Rank 0 writes ``--output_dir/results_parallel.json`` with every rank's numbers
-and the relative L2 distance of each method's latents from this run's uncached latents.
+reductions). Rank 0 writes ``--output_dir/results_parallel.json`` with every rank's numbers,
+the relative L2 distance of each method's latents from this run's uncached latents and the
+PSNR/SSIM of its decoded image vs the uncached image (decoding is not timed).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from xfuser.config import CacheConfig  # noqa: E402
 from xfuser.core.attention import usp  # noqa: E402
 from xfuser.core.distributed import all_coordinators, destroy_distributed_environment, get_world_group  # noqa: E402
 from xfuser.logger import init_logger  # noqa: E402
-from xfuser.metrics import relative_l2  # noqa: E402
+from xfuser.metrics import psnr, relative_l2, ssim  # noqa: E402
+from xfuser.model_executor.pipelines.decode import decode_images  # noqa: E402
 
 logger = init_logger("benchmark.cache_execution_xfuser")
 
@@ -80,8 +82,10 @@ def main() -> int:
                 times.append(time.perf_counter() - start)
                 sent.append(bytes_sent() / max(len(runner.local_prompts()), 1))
             latents = out.images.float().cpu()
+            kwargs = runner.call_kwargs()
+            image = decode_images(pipe, out.images, kwargs.get("height"), kwargs.get("width"))[0]
             if method == "None":
-                reference = latents
+                reference, reference_image = latents, image
             stats = runner.get_cache_statistics()
             results[method] = {
                 "latency_s": statistics.median(times),
@@ -90,6 +94,8 @@ def main() -> int:
                 "hit_ratio": stats["hit_ratio"],
                 "compute_fraction": stats["compute_fraction"],
                 "rel_l2_vs_uncached": relative_l2(latents, reference),
+                "psnr_vs_uncached": psnr(image, reference_image),
+                "ssim_vs_uncached": ssim(image, reference_image),
             }
         everyone = get_world_group().all_gather_object(results)
         if get_world_group().is_first_rank:
@@ -106,8 +112,9 @@ def main() -> int:
             (out_dir / "results_parallel.json").write_text(json.dumps(report, indent=2))
             for method, r in everyone[0].items():
                 logger.info(
-                    "%s: %.3fs, %.2f MB sent/image/rank, hit %.2f, rel L2 %.2e",
+                    "%s: %.3fs, %.2f MB sent/image/rank, hit %.2f, rel L2 %.2e, PSNR %.2f dB vs uncached",
                     method, r["latency_s"], r["bytes_sent_per_image"] / 1e6, r["hit_ratio"], r["rel_l2_vs_uncached"],
+                    r["psnr_vs_uncached"],
                 )
     finally:
         destroy_distributed_environment()

@@ -155,6 +155,13 @@ def fmt_threshold(value: Any) -> str:
     return _fmt(value, "g")
 
 
+def fmt_setting(run: dict) -> str:
+    """A run's knob values: the threshold, plus the cap on consecutive cached steps when set."""
+    cap = _num(run.get("max_cached_steps"))
+    text = fmt_threshold(run.get("threshold"))
+    return text + (f", cap {cap:g}" if cap is not None and cap >= 0 else "")
+
+
 def fmt_speedup(value: Any) -> str:
     return _fmt(value, ".2f", "×")
 
@@ -187,7 +194,7 @@ RUN_COLUMNS = ["Run", "Method", "Kind", "Threshold", "Latency", "Speed-up", "PSN
 def _best_cell(run: Optional[dict]) -> str:
     if run is None:
         return _MISSING
-    return f"{fmt_speedup(run.get('speedup'))} (thr {fmt_threshold(run.get('threshold'))}, {fmt_psnr(run.get('psnr_mean'))} dB)"
+    return f"{fmt_speedup(run.get('speedup'))} (thr {fmt_setting(run)}, {fmt_psnr(run.get('psnr_mean'))} dB)"
 
 
 def _best_rows(results: dict) -> list[list[str]]:
@@ -222,7 +229,7 @@ def findings(results: dict) -> list[str]:
         if not reached:
             out.append(f"No method reaches PSNR ≥ {floor:g} dB on these cases.")
             continue
-        parts = [f"{m} {fmt_speedup(r['speedup'])} (threshold {fmt_threshold(r.get('threshold'))}, "
+        parts = [f"{m} {fmt_speedup(r['speedup'])} (threshold {fmt_setting(r)}, "
                  f"{fmt_psnr(r['psnr_mean'])} dB)" for m, r in reached.items()]
         sentence = f"Best speed-up at PSNR ≥ {floor:g} dB: {_join(parts)}."
         if missing:
@@ -259,7 +266,7 @@ def findings(results: dict) -> list[str]:
                        f"other runs have no {ref} run with both a higher-or-equal speed-up and PSNR ({examples}).")
 
     chosen = chosen_runs(results)
-    hits = [f"{m} {r['hit_ratio']:.2f} (threshold {fmt_threshold(r.get('threshold'))})" for m, (r, _) in chosen.items()
+    hits = [f"{m} {r['hit_ratio']:.2f} (threshold {fmt_setting(r)})" for m, (r, _) in chosen.items()
             if _num(r.get("hit_ratio")) is not None]
     if hits:
         out.append(f"Cache hit ratio of each method's chosen run: {_join(hits)}.")
@@ -345,7 +352,7 @@ def make_grid(results: dict, out_dir: str | Path, image_root: str | Path | None 
                 psnr = (run.get("psnr") or [None] * n_rows)
                 case_psnr = psnr[row] if row < len(psnr) else None
                 flag = "" if ok else f" (<{GRID_FLOOR_DB:g} dB)"
-                title = (f"{name} thr {fmt_threshold(run.get('threshold'))}{flag}\n"
+                title = (f"{name} thr {fmt_setting(run)}{flag}\n"
                          f"{fmt_speedup(run.get('speedup'))}, {fmt_psnr(case_psnr)} dB")
             ax.set_title(title, fontsize=8)
             if col == 0 and row < len(cases):
@@ -376,7 +383,7 @@ def _chart_latency(results: dict, path: Path) -> Optional[Path]:
         speedups.append(1.0)
     for method, run in best.items():
         if run is not None and _num(run.get("latency_s")) is not None:
-            names.append(f"{method}\nthr {fmt_threshold(run.get('threshold'))}")
+            names.append(f"{method}\nthr {fmt_setting(run)}")
             latencies.append(_num(run["latency_s"]))
             speedups.append(_num(run.get("speedup")) or 0.0)
     if len(names) == 0:
@@ -451,7 +458,7 @@ def _chart_per_step(results: dict, path: Path) -> Optional[Path]:
     ax = fig.subplots()
     for method, (run, points) in series.items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=4, alpha=0.8,
-                label=f"{method} thr {fmt_threshold(run.get('threshold'))}")
+                label=f"{method} thr {fmt_setting(run)}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("denoising step")
     ax.set_ylabel("fraction of blocks not computed")
@@ -471,7 +478,7 @@ def _chart_per_block(results: dict, path: Path) -> Optional[Path]:
     width = 0.8 / len(series)
     for i, (method, (run, points)) in enumerate(series.items()):
         ax.bar(np.array([p[0] for p in points]) + (i - (len(series) - 1) / 2) * width, [p[1] for p in points],
-               width=width, label=f"{method} thr {fmt_threshold(run.get('threshold'))}")
+               width=width, label=f"{method} thr {fmt_setting(run)}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("block")
     ax.set_ylabel("1 − computed / steps")

@@ -225,3 +225,25 @@ def test_consisid_example_needs_a_face(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "examples/consisid_example.py"), "--model", "x"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0 and "--img_file_path" in proc.stderr
+
+
+def test_parallel_benchmark_under_torchrun(tmp_path):
+    from xfuser.testing.multiprocess import run_torchrun
+    from xfuser.testing.tiny_pipelines import save_tiny_pipeline
+
+    model = save_tiny_pipeline("pixart-sigma", tmp_path / "model")
+    out = tmp_path / "parallel"
+    proc = run_torchrun(
+        ["benchmark/cache_execution_xfuser.py", "--model", str(model), "--ulysses_degree", "2", "--cache_methods", "None",
+         "Fb", "--cache_ratio_threshold", "0", "--num_inference_steps", "3", "--height", "32", "--width", "32",
+         "--max_sequence_length", "16", "--repeats", "1", "--output_dir", str(out)],
+        nproc_per_node=2, timeout_s=240, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "results_parallel.json").read_text())
+    assert report["parallel"]["ulysses"] == 2 and len(report["per_rank"]) == 2
+    for rank in report["per_rank"]:
+        fb = rank["Fb"]
+        # threshold 0: Fb computes everything, so its image is the uncached one
+        assert fb["psnr_vs_uncached"] == math.inf and fb["rel_l2_vs_uncached"] == 0.0
+        assert rank["None"]["bytes_sent_per_image"] > 0  # the Ulysses all-to-alls were counted

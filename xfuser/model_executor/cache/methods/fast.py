@@ -62,8 +62,8 @@ class FastCache(CacheMethod):
     def __init__(self, manager) -> None:
         super().__init__(manager)
         self.approximation = getattr(self.config, "approximation", "reuse")
-        # with threshold 0 nothing can be approximated: don't pay for fitting a map
-        self.fit_enabled = self.approximation != "reuse" and self.config.cache_ratio_threshold > 0
+        # only `fitted`/`auto` use the ridge map; with threshold 0 nothing is approximated either way
+        self.fit_enabled = self.approximation in ("fitted", "auto") and self.config.cache_ratio_threshold > 0
         self.ridge = float(getattr(self.config, "ridge", 0.1))
         if self.config.motion_threshold > 0 and not manager.adapter.supports_token_subset:
             logger.warning(
