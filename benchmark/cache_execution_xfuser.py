@@ -10,10 +10,16 @@ from tensor sizes) plus every coordinator collective (gathers, CFG exchange, cac
 reductions). Rank 0 writes ``--output_dir/results_parallel.json`` with every rank's numbers,
 the relative L2 distance of each method's latents from this run's uncached latents and the
 PSNR/SSIM of its decoded image vs the uncached image (decoding is not timed).
+
+``--single_process_reference``: every rank first runs the plain pipeline (one process, no
+cache) on the same inputs, and each method is also compared with that image: the error of the
+parallel scheme itself (PipeFusion's stale K/V is approximate by design), with the cache's on
+top. Bytes are also reported per process group (``pp`` = PipeFusion P2P + final broadcast).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -25,7 +31,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xfuser import xFuserArgs  # noqa: E402
-from xfuser.config import CacheConfig  # noqa: E402
 from xfuser.core.attention import usp  # noqa: E402
 from xfuser.core.distributed import all_coordinators, destroy_distributed_environment, get_world_group  # noqa: E402
 from xfuser.logger import init_logger  # noqa: E402
@@ -46,11 +51,35 @@ def reset_bytes() -> None:
     usp.reset_comm_bytes()
 
 
+def single_process_image(engine, inputs) -> tuple[torch.Tensor, object]:
+    """Latents and decoded image of the plain pipeline (own copy, one process, no cache)."""
+    from diffusers import DiffusionPipeline
+
+    from xfuser.model_executor.pipelines.call_args import prepare_call_kwargs
+
+    pipe = DiffusionPipeline.from_pretrained(engine.model_config.model, dtype=engine.model_config.torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = prepare_call_kwargs(pipe, inputs.height, inputs.width)
+    kwargs.update(prompt=inputs.prompt[:1], num_inference_steps=inputs.num_inference_steps, output_type="latent",
+                  generator=torch.Generator(device="cpu").manual_seed(inputs.seed))
+    if inputs.guidance_scale is not None:
+        kwargs["guidance_scale"] = inputs.guidance_scale
+    if inputs.max_sequence_length is not None:
+        kwargs["max_sequence_length"] = inputs.max_sequence_length
+    if inputs.negative_prompt:
+        kwargs["negative_prompt"] = inputs.negative_prompt
+    out = pipe(**kwargs)
+    image = decode_images(pipe, out.images, kwargs.get("height"), kwargs.get("width"))[0]
+    return out.images.float().cpu(), image
+
+
 def main() -> int:
     parser = xFuserArgs.add_cli_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--cache_methods", nargs="+", default=["None", "Fast", "Fb", "Tea"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output_dir", default="benchmark_results")
+    parser.add_argument("--single_process_reference", action="store_true",
+                        help="also compare every method with an uncached single-process run")
     ns = parser.parse_args()
     args = xFuserArgs.from_cli_args(ns)
     args.cache_method = "None"
@@ -63,15 +92,15 @@ def main() -> int:
 
     pipe = DiffusionPipeline.from_pretrained(engine.model_config.model, dtype=engine.model_config.torch_dtype)
     torch.set_grad_enabled(False)
+    single = None
+    if ns.single_process_reference:
+        single = single_process_image(engine, inputs)
     runner = xDiTParallel(pipe, engine, inputs)
     results = {}
     reference = None
     try:
         for method in ["None", *[m for m in ns.cache_methods if m != "None"]]:
-            config = CacheConfig(
-                method=method, cache_ratio_threshold=ns.cache_ratio_threshold, motion_threshold=ns.motion_threshold,
-                significance_level=ns.significance_level, cache_warmup_steps=ns.cache_warmup_steps,
-            )
+            config = dataclasses.replace(engine.cache_config, method=method)  # every cache flag applies
             runner.enable_cache(config)
             runner()  # warm-up
             times, sent = [], []
@@ -96,7 +125,15 @@ def main() -> int:
                 "rel_l2_vs_uncached": relative_l2(latents, reference),
                 "psnr_vs_uncached": psnr(image, reference_image),
                 "ssim_vs_uncached": ssim(image, reference_image),
+                "bytes_per_group": {name: c.bytes_sent for name, c in all_coordinators().items() if c.bytes_sent},
             }
+            if single is not None:
+                single_latents, single_image = single
+                results[method].update(
+                    rel_l2_vs_single_process=relative_l2(latents, single_latents),
+                    psnr_vs_single_process=psnr(image, single_image),
+                    ssim_vs_single_process=ssim(image, single_image),
+                )
         everyone = get_world_group().all_gather_object(results)
         if get_world_group().is_first_rank:
             out_dir = Path(ns.output_dir)
@@ -104,7 +141,11 @@ def main() -> int:
             p = engine.parallel_config
             report = {
                 "model": engine.model_config.model,
-                "parallel": dict(dp=p.dp_degree, cfg=p.cfg_degree, ulysses=p.ulysses_degree, ring=p.ring_degree),
+                "parallel": dict(
+                    dp=p.dp_degree, cfg=p.cfg_degree, ulysses=p.ulysses_degree, ring=p.ring_degree, pp=p.pp_degree,
+                    num_pipeline_patch=p.num_pipeline_patch if p.pp_degree > 1 else None,
+                    warmup_steps=engine.runtime_config.warmup_steps if p.pp_degree > 1 else None,
+                ),
                 "num_inference_steps": inputs.num_inference_steps,
                 "cache_ratio_threshold": ns.cache_ratio_threshold,
                 "per_rank": everyone,
@@ -112,9 +153,10 @@ def main() -> int:
             (out_dir / "results_parallel.json").write_text(json.dumps(report, indent=2))
             for method, r in everyone[0].items():
                 logger.info(
-                    "%s: %.3fs, %.2f MB sent/image/rank, hit %.2f, rel L2 %.2e, PSNR %.2f dB vs uncached",
+                    "%s: %.3fs, %.2f MB sent/image/rank, hit %.2f, rel L2 %.2e, PSNR %.2f dB vs uncached%s",
                     method, r["latency_s"], r["bytes_sent_per_image"] / 1e6, r["hit_ratio"], r["rel_l2_vs_uncached"],
                     r["psnr_vs_uncached"],
+                    f", PSNR {r['psnr_vs_single_process']:.2f} dB vs single process" if "psnr_vs_single_process" in r else "",
                 )
     finally:
         destroy_distributed_environment()

@@ -24,6 +24,7 @@ from xfuser.core.distributed import (
     get_cfg_group,
     get_cfg_sp_group,
     get_dp_group,
+    get_pp_group,
     get_sp_group,
     get_world_group,
     init_distributed_environment,
@@ -34,7 +35,9 @@ from xfuser.core.distributed import (
 from xfuser.logger import init_logger
 from xfuser.model_executor.cache.manager import CacheManager
 from xfuser.model_executor.cache.sync import CoordinatorSync
+from xfuser.model_executor.layers.pipefusion_attention import PatchKVContext
 from xfuser.model_executor.models.cfg_parallel import CFGSplit
+from xfuser.model_executor.models.pipefusion import PatchPipeline, free_foreign_blocks, stage_ranges
 from xfuser.model_executor.models.sequence_parallel import SequenceShard, check_sequence_parallel
 from xfuser.model_executor.pipelines.call_args import accepts, prepare_call_kwargs
 from xfuser.model_executor.pipelines.fastcache_pipeline import check_method_supported
@@ -58,14 +61,13 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         self.engine = engine_config
         self.inputs = input_config
         p = engine_config.parallel_config
-        if p.pp_degree > 1:
-            raise ConfigError("--pipefusion_parallel_degree > 1: PipeFusion is not available in this build yet")
         if p.use_parallel_vae and p.world_size // p.dp_degree < 2:
             raise ConfigError("--use_parallel_vae needs at least 2 ranks per replica (cfg x sp x pp) to split the decode over")
         transformer = pipe.transformer
         adapter = check_method_supported(transformer, engine_config.cache_config)
         if p.sp_degree > 1:
             check_sequence_parallel(adapter, transformer, p.ulysses_degree)
+        self.stages = self._check_pipefusion(adapter) if p.pp_degree > 1 else None
         if p.cfg_degree > 1:
             if not _has_cfg(pipe):
                 raise ConfigError(f"--use_cfg_parallel: {type(pipe).__name__} does not use classifier-free guidance")
@@ -90,12 +92,44 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         self.adapter = adapter
         self.cfg_split = CFGSplit(transformer, get_cfg_group()) if p.cfg_degree > 1 else None
         self.sync = CoordinatorSync(get_cfg_sp_group(), batch=get_cfg_group(), seq=get_sp_group())
-        if p.sp_degree > 1:
+        self.patch_context = None
+        if p.pp_degree > 1:
+            self.patch_context = PatchKVContext(sp_group=get_sp_group())
+            adapter.install_pipefusion_processors(transformer, self.patch_context)
+        elif p.sp_degree > 1:
             adapter.install_usp_processors(transformer)
         self.manager: CacheManager | None = None
         self.enable_cache(engine_config.cache_config)
         self.output = None
         self.latency_s: float | None = None
+
+    def _check_pipefusion(self, adapter) -> list[tuple[int, int]]:
+        """PipeFusion errors a user can fix, raised before any compute; returns the stages."""
+        p, pipe = self.engine.parallel_config, self.pipe
+        name = type(pipe.transformer).__name__
+        if not adapter.supports_pipefusion:
+            raise ConfigError(f"--pipefusion_parallel_degree: PipeFusion is not implemented for {name} (supported: PixArt-α/Σ, Flux.1)")
+        if p.ring_degree > 1:
+            raise ConfigError("--ring_degree > 1 with --pipefusion_parallel_degree > 1 is not supported; use --ulysses_degree for the SP part")
+        if self.engine.runtime_config.warmup_steps < 1:
+            raise ConfigError("--warmup_steps must be >= 1 with PipeFusion: the first full-image step fills the stale K/V buffers")
+        stages = stage_ranges(len(adapter.blocks(pipe.transformer)), p.pp_degree, p.attn_layer_num_for_pp)
+        kwargs = prepare_call_kwargs(pipe, self.inputs.height, self.inputs.width)
+        if "height" in kwargs and "width" in kwargs:
+            scale = getattr(pipe, "vae_scale_factor", 8)
+            patch = 2 if adapter.family == "flux" else (getattr(pipe.transformer.config, "patch_size", 1) or 1)
+            rows, cols = kwargs["height"] // scale // patch, kwargs["width"] // scale // patch
+            if rows % p.num_pipeline_patch:
+                raise ConfigError(
+                    f"--height {kwargs['height']} gives {rows} rows of tokens, not divisible into --num_pipeline_patch "
+                    f"{p.num_pipeline_patch} patches; use a height that is a multiple of {scale * patch * p.num_pipeline_patch}"
+                )
+            if (rows // p.num_pipeline_patch * cols) % p.sp_degree:
+                raise ConfigError(
+                    f"a patch of {rows // p.num_pipeline_patch}x{cols} tokens cannot be split over the sequence-parallel "
+                    f"degree {p.sp_degree}; change --height/--width, --num_pipeline_patch or --ulysses_degree"
+                )
+        return stages
 
     def _parallelize_vae(self) -> None:
         """distvae's patch-parallel decoder over the replica's ranks (they all hold the same
@@ -140,7 +174,17 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         if self.manager is not None:
             self.manager.uninstall()
         self.manager = CacheManager(transformer, cache_config, sync=self.sync, adapter=self.adapter).install()
-        if self.engine.parallel_config.sp_degree > 1:
+        p = self.engine.parallel_config
+        if p.pp_degree > 1:
+            pp = get_pp_group()
+            PatchPipeline(
+                self.manager, self.adapter, pp, get_sp_group(), self.stages, p.num_pipeline_patch,
+                self.engine.runtime_config.warmup_steps, self.patch_context,
+            )
+            if not getattr(self, "_foreign_blocks_freed", False):
+                free_foreign_blocks(self.manager, self.stages, pp.rank_in_group)
+                self._foreign_blocks_freed = True
+        elif p.sp_degree > 1:
             self.manager.sequence_shard = SequenceShard(self.adapter, get_sp_group(), self.manager.num_blocks)
 
     # ------------------------------------------------------------------ running
@@ -178,6 +222,8 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         self.latency_s = time.perf_counter() - start
         if self.manager.debug_agreement:
             self.manager.sync.verify_same(self.manager.decision_log())
+        if self.manager.patch_pipeline is not None:
+            self.manager.patch_pipeline.merge_stage_statistics()
         return self.output
 
     def get_cache_statistics(self) -> dict[str, Any]:
@@ -185,8 +231,9 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
 
     @property
     def is_output_rank(self) -> bool:
-        """One rank per replica writes results: the first of its CFG x SP group."""
-        return get_cfg_sp_group().is_first_rank
+        """One rank per replica writes results: the first of its CFG x SP group, on the last
+        PipeFusion stage."""
+        return get_cfg_sp_group().is_first_rank and get_pp_group().is_last_rank
 
     def save(self, directory: str | Path = "results", prefix: str = "xdit", fps: int = 8) -> list[str]:
         """Images as PNG, videos (pipelines returning ``frames``) as GIF; latents are not saved."""

@@ -66,6 +66,9 @@ class CacheManager:
         # where the timestep sits when passed positionally (looked up once, not per call)
         self._timestep_position = params.index(self.adapter.timestep_arg) if self.adapter.timestep_arg in params else None
         self.sequence_shard = None  # set by the USP runner: splits/gathers the streams
+        self.patch_pipeline = None  # set by the PipeFusion runner: runs this stage's blocks per patch
+        self.segments: list[tuple[int, int]] = [(0, self.num_blocks - 1)]  # PipeFusion: one per stage
+        self._default_method = self.method
         self.reset()
 
     # ------------------------------------------------------------------ lifecycle
@@ -96,8 +99,12 @@ class CacheManager:
         self.num_steps = num_inference_steps
         self.step = -1
         self.t_norm = None
+        self.method = self._default_method
+        self._slots: dict[Any, tuple[Any, CacheStatistics]] = {}
         self.stats = CacheStatistics(self.method.name, self.num_blocks, self.block_weights)
         self.method.reset()
+        if self.patch_pipeline is not None:
+            self.patch_pipeline.reset()
 
     # ------------------------------------------------------------------ step bookkeeping
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -117,7 +124,32 @@ class CacheManager:
             self.reset(self.num_steps)
         self.step += 1
         self.t_norm = t_norm
-        self.stats.begin_step(self.step, t_norm)
+        if not self._slots:
+            self.stats.begin_step(self.step, t_norm)
+
+    def use_slot(self, key: Any) -> None:
+        """Switch to the cache state of ``key`` (PipeFusion: one per latent patch, since
+        references are per token row, and ``"full"`` for the full-image warm-up steps). The
+        step counter, timestep and guards stay shared."""
+        entry = self._slots.get(key)
+        if entry is None:
+            method = method_class(self.config.method)(self)
+            method.reset()
+            entry = self._slots[key] = (method, CacheStatistics(method.name, self.num_blocks, self.block_weights))
+        self.method, self.stats = entry
+        if not self.stats.steps or self.stats.steps[-1]["step"] != self.step:
+            self.stats.begin_step(self.step, self.t_norm)
+
+    def slot_statistics(self) -> dict[Any, CacheStatistics]:
+        return {key: stats for key, (_, stats) in self._slots.items()}
+
+    def segment(self, index: int) -> tuple[int, int]:
+        """(first, last) block of the pipeline segment holding ``index`` (the whole stack
+        outside PipeFusion, this stage's blocks under it)."""
+        for first, last in self.segments:
+            if first <= index <= last:
+                return first, last
+        raise IndexError(f"block {index} is in no segment {self.segments}")
 
     # ------------------------------------------------------------------ helpers for methods
     def forced_compute(self) -> bool:
@@ -141,6 +173,8 @@ class CacheManager:
     def run_block(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self.step < 0:
             self.begin_step(None)
+        if self.patch_pipeline is not None:
+            return self.patch_pipeline.run_block(index, block, args, kwargs)
         call = self.adapter.bind(block, args, kwargs)
         if self.sequence_shard is not None:
             call = self.sequence_shard.shard(call, index)
@@ -153,8 +187,13 @@ class CacheManager:
         return self.adapter.pack_output(streams)
 
     # ------------------------------------------------------------------ reporting
+    def merged_stats(self) -> CacheStatistics:
+        if not self._slots:
+            return self.stats
+        return CacheStatistics.merge_patches(list(self.slot_statistics().values()))
+
     def statistics(self) -> dict[str, Any]:
-        summary = self.stats.summary()
+        summary = self.merged_stats().summary()
         if hasattr(self.method, "held_out_errors"):
             errors = self.method.held_out_errors()
             for entry in summary["per_block"]:
@@ -169,7 +208,7 @@ class CacheManager:
         return summary
 
     def decision_log(self) -> list[tuple]:
-        return self.stats.decision_log()
+        return self.merged_stats().decision_log()
 
 
 def get_cache_manager(transformer: nn.Module) -> CacheManager | None:

@@ -40,7 +40,30 @@ class CacheStatistics:
             self.steps[-1]["metrics"][name] = value
 
     def decision_log(self) -> list[tuple]:
-        return [(s["step"], "".join(s["actions"]), tuple(round(f, 6) for f in s["token_fraction"])) for s in self.steps]
+        return [
+            (s["step"], "|".join("".join(a) for a, _ in units), tuple(round(f, 6) for _, fr in units for f in fr))
+            for s in self.steps
+            for units in [_units(s)]
+        ]
+
+    @classmethod
+    def merge_patches(cls, parts: list["CacheStatistics"]) -> "CacheStatistics":
+        """One record per step from per-patch statistics (PipeFusion): a step keeps every
+        patch's actions (``patches``); counts and the compute fraction average over patches,
+        which are equal-sized. The step's own actions and metrics are its first patch's."""
+        merged = cls(parts[0].method, parts[0].num_blocks, parts[0].block_weights)
+        by_step: dict[int, list[dict[str, Any]]] = {}
+        for part in parts:
+            for record in part.steps:
+                by_step.setdefault(record["step"], []).append(record)
+        for step in sorted(by_step):
+            records = by_step[step]
+            first = records[0]
+            entry = {**first, "actions": list(first["actions"]), "token_fraction": list(first["token_fraction"])}
+            if len(records) > 1:
+                entry["patches"] = [(list(r["actions"]), list(r["token_fraction"])) for r in records]
+            merged.steps.append(entry)
+        return merged
 
     def summary(self) -> dict[str, Any]:
         per_block = []
@@ -51,13 +74,15 @@ class CacheStatistics:
             counts = {a: 0 for a in ACTIONS}
             fractions = []
             for s in self.steps:
-                a = s["actions"][b]
-                counts[a] += 1
-                frac = s["token_fraction"][b] if a in ("C", "P") else 0.0
-                fractions.append(frac)
-                computed_weight += self.block_weights[b] * frac
-                evaluations += 1
-                hits += a != "C"
+                units = _units(s)
+                for actions, token_fraction in units:  # one unit per latent patch (PipeFusion)
+                    a = actions[b]
+                    counts[a] += 1
+                    frac = token_fraction[b] if a in ("C", "P") else 0.0
+                    fractions.append(frac)
+                    computed_weight += self.block_weights[b] * frac / len(units)
+                    evaluations += 1
+                    hits += a != "C"
             per_block.append(
                 {
                     "block": b,
@@ -71,6 +96,7 @@ class CacheStatistics:
             )
         per_step = [
             {
+                **({"patch_actions": ["".join(a) for a, _ in s["patches"]]} if "patches" in s else {}),
                 "step": s["step"],
                 "t": s["t"],
                 "actions": "".join(s["actions"]),
@@ -91,3 +117,8 @@ class CacheStatistics:
             "per_block": per_block,
             "per_step": per_step,
         }
+
+
+def _units(step: dict[str, Any]) -> list[tuple[list[str], list[float]]]:
+    """(actions, token fractions) of each latent patch of a step; one unit outside PipeFusion."""
+    return step.get("patches") or [(step["actions"], step["token_fraction"])]

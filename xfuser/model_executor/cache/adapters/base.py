@@ -72,6 +72,10 @@ class BlockAdapter:
     sp_split_streams: ClassVar[tuple[str, ...]] = ("hidden_states",)
     #: whether USP (sequence parallel) is implemented for this family
     supports_sequence_parallel: ClassVar[bool] = False
+    #: whether PipeFusion is implemented: every block of the family takes the same call
+    #: arguments (so a stage can call its blocks from block 0's arguments) and the image
+    #: stream is ``streams[0]`` in row-major token order
+    supports_pipefusion: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._signatures: dict[type, inspect.Signature] = {}
@@ -158,6 +162,16 @@ class BlockAdapter:
             return x.chunk(world, dim=0)[rank]
 
         call.bound.arguments[name] = tuple(local(x) for x in rope) if isinstance(rope, (tuple, list)) else local(rope)
+
+    # ------------------------------------------------------------------ PipeFusion
+    def install_pipefusion_processors(self, transformer: nn.Module, context: Any) -> None:
+        """Route every self-attention through the stale-K/V processors of ``context``."""
+        raise NotImplementedError(f"{self.family}: PipeFusion not implemented")
+
+    def patch_block_kwargs(self, call: BlockCall, start: int, end: int, full_lengths: dict[str, int]) -> None:
+        """Keep the rows of per-token call arguments (rotary embeddings) that belong to image
+        tokens ``[start, end)`` (text rows stay); absolute position embeddings need nothing,
+        they were added to the full image before the blocks."""
 
     def run_token_subset(self, call: BlockCall, index: torch.Tensor) -> Streams:
         """Compute the block for tokens ``index`` of the first stream only, attending to the

@@ -21,6 +21,24 @@ class FluxAdapter(BlockAdapter):
 
     supports_sequence_parallel = True
     sp_split_streams = ("hidden_states", "encoder_hidden_states")  # joint attention: split both
+    supports_pipefusion = True
+
+    def install_pipefusion_processors(self, transformer, context) -> None:
+        from xfuser.model_executor.layers.pipefusion_attention import PipeFusionFluxAttnProcessor
+
+        for index, block in self.iter_blocks(transformer):
+            block.attn.set_processor(PipeFusionFluxAttnProcessor(context, index))
+
+    def patch_block_kwargs(self, call: BlockCall, start: int, end: int, full_lengths: dict[str, int]) -> None:
+        rope = call.arg("image_rotary_emb")
+        if rope is None:
+            return
+        n_text = full_lengths["encoder_hidden_states"]
+
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x[:n_text], x[n_text + start:n_text + end]])
+
+        call.bound.arguments["image_rotary_emb"] = tuple(rows(x) for x in rope) if isinstance(rope, tuple) else rows(rope)
 
     def install_usp_processors(self, transformer) -> None:
         from xfuser.model_executor.layers.usp_attention import USPFluxAttnProcessor

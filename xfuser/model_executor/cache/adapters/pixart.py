@@ -25,6 +25,13 @@ class PixArtAdapter(BlockAdapter):
     supports_token_subset = True
     supports_sequence_parallel = True
     sp_split_streams = ("hidden_states",)  # text is cross-attention context: replicated
+    supports_pipefusion = True
+
+    def install_pipefusion_processors(self, transformer, context) -> None:
+        from xfuser.model_executor.layers.pipefusion_attention import PipeFusionSelfAttnProcessor
+
+        for index, block in self.iter_blocks(transformer):
+            block.attn1.set_processor(PipeFusionSelfAttnProcessor(context, index))
 
     def install_usp_processors(self, transformer) -> None:
         from xfuser.model_executor.layers.usp_attention import USPSelfAttnProcessor

@@ -29,17 +29,46 @@ class CacheMethod:
         """Return (output streams, action code, computed token fraction)."""
         return self.manager.compute(call), "C", 1.0
 
-    def reuse_stack_tail(
-        self, index: int, call: BlockCall, anchor_now: Streams, anchor_ref: Streams, out_ref: Streams
-    ) -> tuple[Streams, str, float]:
-        """Blocks after the decision point of a reused stack: pass through, and let the last
-        block return ``out_ref + (anchor_now - anchor_ref)`` -- the cached residual added to
-        this step's anchor, written so a repeated anchor returns ``out_ref`` bit for bit, and
-        anchored on the anchor rather than this block's input so anything the model adds
-        between blocks (ConsisID's face features) is neither lost nor counted twice."""
-        if index < self.manager.num_blocks - 1:
-            return call.streams, "R", 0.0
-        return tuple(o + (a - r) for o, a, r in zip(out_ref, anchor_now, anchor_ref)), "R", 0.0
+    # ------------------------------------------------------------------ step-level decisions
+    def export_step_state(self, n_tokens: int) -> list[float]:
+        """What later PipeFusion stages need of this step's decision for the current patch
+        (made at block 0, on the first stage); fixed length for ``n_tokens`` local image tokens."""
+        return []
+
+    def import_step_state(self, values: list[float]) -> None:
+        """Adopt the decision exported by the stage that holds block 0 (PipeFusion)."""
+
+    # ------------------------------------------------------------------ stack reuse (Fb, Tea)
+    def reset_stack(self) -> None:
+        # per segment (keyed by its first block): anchor of this step, anchor and output at the
+        # last computed step. One segment in a single process; one per stage under PipeFusion.
+        self.anchor_now: dict[int, Streams] = {}
+        self.anchor_ref: dict[int, Streams] = {}
+        self.seg_out_ref: dict[int, Streams] = {}
+
+    def stack_block(self, index: int, call: BlockCall, reuse: bool) -> tuple[Streams, str, float]:
+        """Block ``index`` of a stack whose step decision is ``reuse``.
+
+        Computing, a segment's last block records (anchor, output). Reusing, blocks pass
+        through and the segment's last block returns ``out_ref + (anchor_now - anchor_ref)``:
+        the cached residual added to this step's anchor, written so a repeated anchor returns
+        ``out_ref`` bit for bit, and anchored on the anchor rather than the block's input so
+        anything the model adds between blocks (ConsisID's face features) is neither lost nor
+        counted twice. A segment's anchor is its input, unless the method set it before (Fb:
+        block 0's output, for the segment holding block 0). Under PipeFusion each stage is a
+        segment; the residuals telescope, so the stack output equals the single-segment one."""
+        first, last = self.manager.segment(index)
+        if index == first:
+            self.anchor_now[first] = call.streams
+        if reuse:
+            if index < last:
+                return call.streams, "R", 0.0
+            out_ref, anchor_ref = self.seg_out_ref[first], self.anchor_ref[first]
+            return tuple(o + (a - r) for o, a, r in zip(out_ref, self.anchor_now[first], anchor_ref)), "R", 0.0
+        out = self.manager.compute(call)
+        if index == last:
+            self.anchor_ref[first], self.seg_out_ref[first] = self.anchor_now[first], out
+        return out, "C", 1.0
 
 
 class NoCache(CacheMethod):

@@ -129,6 +129,35 @@ class FastCache(CacheMethod):
         self.static_index = static.nonzero().flatten()
         self.motion_fraction = total_motion / n_tokens
 
+    # ------------------------------------------------------------------ PipeFusion hand-over
+    def export_step_state(self, n_tokens: int) -> list[float]:
+        """τ_t and the motion/static split of this rank's ``n_tokens`` image tokens for the
+        later stages: the padded query index (its length, then the rows, -1 filled; padding may
+        repeat rows) and a 0/1 mask of the real motion rows."""
+        index = torch.full((n_tokens,), -1.0, dtype=torch.float64)
+        rows = torch.zeros(n_tokens, dtype=torch.float64)
+        has_split = self.motion_index is not None
+        count = 0
+        if has_split:
+            count = len(self.motion_index)
+            index[:count] = self.motion_index.cpu().double()
+            rows[self.motion_rows.cpu()] = 1.0
+        return [self.tau, float(has_split), self.motion_fraction, float(count), *index.tolist(), *rows.tolist()]
+
+    def import_step_state(self, values: list[float]) -> None:
+        self.tau = values[0]
+        self.manager.stats.metric("tau", self.tau)
+        self.static_index = self.motion_index = None
+        if values[1]:
+            device = next(self.manager.transformer.parameters()).device
+            n_tokens = (len(values) - 4) // 2
+            count = int(values[3])
+            self.motion_fraction = values[2]
+            self.motion_index = torch.tensor(values[4:4 + count], dtype=torch.long, device=device)
+            rows = torch.tensor(values[4 + n_tokens:], device=device)
+            self.motion_rows = (rows == 1).nonzero().flatten()
+            self.static_index = (rows == 0).nonzero().flatten()
+
     # ------------------------------------------------------------------ per block
     def run_block(self, index: int, call: BlockCall) -> tuple[Streams, str, float]:
         m, cfg = self.manager, self.config

@@ -62,13 +62,18 @@ class TeaCache(CacheMethod):
         self.rescale = np.poly1d(self.coefficients)
 
     def reset(self) -> None:
+        self.reset_stack()
         self.prev_modulated: torch.Tensor | None = None
         self.accumulated = 0.0
-        self.stack_in: Streams | None = None  # stack input of the current step
-        self.in_ref: Streams | None = None  # stack input at the last computed step
-        self.out_ref: Streams | None = None  # stack output at that step
+        self.computed_once = False  # a whole step has been computed: stack references exist
         self.skip = False
         self.consecutive = 0
+
+    def export_step_state(self, n_tokens: int) -> list[float]:
+        return [float(self.skip)]
+
+    def import_step_state(self, values: list[float]) -> None:
+        self.skip = bool(values[0])
 
     def run_block(self, index: int, call: BlockCall) -> tuple[Streams, str, float]:
         m = self.manager
@@ -86,7 +91,7 @@ class TeaCache(CacheMethod):
             self.prev_modulated = modulated
             self.skip = (
                 not m.forced_compute()
-                and self.out_ref is not None
+                and self.computed_once
                 and m.may_skip(self.consecutive)
                 and self.accumulated < self.config.cache_ratio_threshold
             )
@@ -95,10 +100,5 @@ class TeaCache(CacheMethod):
             else:
                 self.consecutive = 0
                 self.accumulated = 0.0
-            self.stack_in = call.streams
-        if self.skip:
-            return self.reuse_stack_tail(index, call, self.stack_in, self.in_ref, self.out_ref)
-        out = m.compute(call)
-        if index == m.num_blocks - 1:
-            self.in_ref, self.out_ref = self.stack_in, out
-        return out, "C", 1.0
+                self.computed_once = True
+        return self.stack_block(index, call, self.skip)
