@@ -2,6 +2,7 @@
 # Launch an example under torchrun. Override any variable from the environment, e.g.
 #   MODEL_TYPE=pixartsigma N_GPUS=4 PARALLEL_ARGS="--ulysses_degree 2" CFG_ARGS="--use_cfg_parallel" \
 #   CACHE_ARGS="--cache_method Fast --cache_ratio_threshold 0.05" bash examples/run.sh
+#   PARALLEL_ARGS="--pipefusion_parallel_degree 2 --num_pipeline_patch 2 --warmup_steps 1" bash examples/run.sh   # PipeFusion
 # On a machine without GPUs the processes use gloo on the CPU (N_GPUS = number of processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."

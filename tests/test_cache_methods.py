@@ -273,3 +273,21 @@ def test_extrapolation_is_exact_for_a_residual_linear_in_time():
         actions.append("".join(manager.stats.steps[-1]["actions"]))
         torch.testing.assert_close(got, x + block.block.a + block.block.b * t, rtol=1e-5, atol=1e-5)
     assert "R" in actions, actions
+
+
+def test_cogvideox_variants_get_their_published_teacache_polynomials():
+    """TeaCache publishes one polynomial per CogVideoX variant; the adapter picks by config."""
+    from types import SimpleNamespace
+
+    from xfuser.model_executor.cache.adapters.cogvideox import CogVideoXAdapter, ConsisIDAdapter
+
+    def model(**cfg):
+        base = dict(patch_size_t=None, in_channels=16, num_attention_heads=48, attention_head_dim=64)
+        return SimpleNamespace(config=SimpleNamespace(**{**base, **cfg}))
+
+    a = CogVideoXAdapter()
+    assert a.tea_coefficients_for(model())[0] == -1.53880483e03  # 5b
+    assert a.tea_coefficients_for(model(num_attention_heads=30))[0] == -3.10658903e01  # 2b
+    assert a.tea_coefficients_for(model(patch_size_t=2))[0] == 2.50210439e02  # 1.5 t2v
+    assert a.tea_coefficients_for(model(patch_size_t=2, in_channels=32))[0] == 1.22842302e02  # 1.5 i2v
+    assert ConsisIDAdapter().tea_coefficients_for(model(patch_size_t=2))[0] == -1.53880483e03

@@ -20,7 +20,7 @@ from xfuser.testing.tiny_pipelines import build_tiny_pipeline
         ("pixart-sigma", dict(ring_degree=3, height=32, width=32), 3, "not divisible by the sequence-parallel degree 3"),
         ("flux", dict(use_cfg_parallel=True, guidance_scale=3.5), 2, "does not use classifier-free guidance"),
         ("flux", dict(ulysses_degree=2, max_sequence_length=15), 2, "--max_sequence_length 15"),
-        ("hunyuandit", dict(pipefusion_parallel_degree=2), 2, "PipeFusion is not implemented for HunyuanDiT2DModel"),
+        ("cogvideox", dict(pipefusion_parallel_degree=2), 2, "PipeFusion is not implemented for CogVideoXTransformer3DModel"),
     ],
 )
 def test_bad_parallel_input_fails_before_any_compute(model_type, args, world, fragment):

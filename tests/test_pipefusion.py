@@ -91,9 +91,12 @@ def _single(model_type: str, methods: dict, steps: int = STEPS) -> dict:
         wrapper.enable_cache(config=engine.cache_config)
         kwargs = prepare_call_kwargs(pipe, inputs.height, inputs.width)
         kwargs.update(_extra_call_kwargs(model_type))
+        for name_, value in (("guidance_scale", inputs.guidance_scale), ("max_sequence_length", inputs.max_sequence_length)):
+            if value is not None:
+                kwargs[name_] = value
         result = wrapper(
-            prompt=inputs.prompt, num_inference_steps=steps, output_type="latent", guidance_scale=inputs.guidance_scale,
-            max_sequence_length=inputs.max_sequence_length, generator=torch.Generator().manual_seed(7), **kwargs,
+            prompt=inputs.prompt, num_inference_steps=steps, output_type="latent",
+            generator=torch.Generator().manual_seed(7), **kwargs,
         )
         out[name] = {"latents": result.images.clone(), "log": wrapper.manager.decision_log()}
     return out
@@ -107,6 +110,7 @@ EXACT = [
     ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2), 2),
     ("pixart-alpha", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2), 2),
     ("flux", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2), 2),
+    ("hunyuandit", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2), 2),  # long skip 0 -> 3 crosses stages
     ("pixart-sigma", dict(pipefusion_parallel_degree=4, num_pipeline_patch=4), 4),
 ]
 
@@ -132,6 +136,7 @@ PATCHED = {
         ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)),
         ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=4)),
         ("flux", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)),
+        ("hunyuandit", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)),
     ],
     4: [
         ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2, ulysses_degree=2)),
@@ -176,7 +181,10 @@ def test_patch_pipeline_runs_every_method_consistently(world):
                 # stale K/V is an approximation, not a different model
                 assert 0 < err < 0.3, f"{model_type} {parallel}: PipeFusion error {err:.3f} vs single process"
             else:
-                assert err < 0.3 + none_err, f"{model_type} {parallel} {name}: error {err:.3f}"
+                # loose: PipeFusion's own error plus what the method itself changes on this random
+                # model (e.g. tiny HunyuanDiT's Fast moves the single-process output by ~0.86)
+                own = _rel(ref[name]["latents"], ref["None"]["latents"])
+                assert err < 0.3 + none_err + own, f"{model_type} {parallel} {name}: error {err:.3f} (method alone {own:.3f})"
 
 
 def test_near_threshold_decisions_do_not_hang():

@@ -108,7 +108,7 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         p, pipe = self.engine.parallel_config, self.pipe
         name = type(pipe.transformer).__name__
         if not adapter.supports_pipefusion:
-            raise ConfigError(f"--pipefusion_parallel_degree: PipeFusion is not implemented for {name} (supported: PixArt-α/Σ, Flux.1)")
+            raise ConfigError(f"--pipefusion_parallel_degree: PipeFusion is not implemented for {name} (supported: PixArt-α/Σ, Flux.1, HunyuanDiT)")
         if p.ring_degree > 1:
             raise ConfigError("--ring_degree > 1 with --pipefusion_parallel_degree > 1 is not supported; use --ulysses_degree for the SP part")
         if self.engine.runtime_config.warmup_steps < 1:

@@ -135,6 +135,34 @@ class PipeFusionSelfAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+class PipeFusionHunyuanSelfAttnProcessor:
+    """HunyuanDiT ``attn1``: QK LayerNorm and 2D RoPE (rows of this patch / SP rank), keys are
+    buffered after the rotation, so stale rows keep their own positions."""
+
+    def __init__(self, context: PatchKVContext, layer: int) -> None:
+        self.context = context
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, image_rotary_emb=None):
+        if attention_mask is not None or encoder_hidden_states is not None or attn.spatial_norm is not None or attn.group_norm is not None:
+            raise NotImplementedError("PipeFusion HunyuanDiT self-attention supports no mask / context / group or spatial norm")
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self.context.attend(self.layer, query, key, value, n_text=0).flatten(2, 3).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
 class PipeFusionFluxAttnProcessor:
     """``FluxAttention``: double-stream blocks pass text as ``encoder_hidden_states``; single-
     stream blocks pass ``[text; image]`` as one sequence (the text length comes from the

@@ -82,6 +82,12 @@ class PatchPipeline:
         self.sp_rank = sp_group.rank_in_group if sp_group is not None else 0
         self.sp_world = sp_group.world_size if sp_group is not None else 1
         self._params: dict[type, set[str]] = {}
+        # long skips (HunyuanDiT): consumer -> producer; a producer's output travels with the
+        # patch through every stage boundary between the two
+        self.skips = adapter.long_skips(manager.num_blocks)
+        stage_of = {b: s for s, (first, last) in enumerate(stages) for b in range(first, last + 1)}
+        self.carry_in = sorted(p for c, p in self.skips.items() if stage_of[p] < self.stage <= stage_of[c])
+        self.carry_out = sorted(p for c, p in self.skips.items() if stage_of[p] <= self.stage < stage_of[c])
         manager.segments = list(stages)
         manager.patch_pipeline = self
         manager.sequence_shard = None  # the runner splits the patches over SP itself
@@ -108,7 +114,7 @@ class PatchPipeline:
         return tensor.contiguous()
 
     def _call(self, index: int, arguments: dict[str, Any], streams: Streams, start: int, end: int,
-              lengths: dict[str, int]) -> BlockCall:
+              lengths: dict[str, int], skip: torch.Tensor | None = None) -> BlockCall:
         block = self._block(index)
         params = self._params.get(type(block))
         if params is None:
@@ -118,6 +124,8 @@ class PatchPipeline:
             }
         kwargs = {k: v for k, v in arguments.items() if k in params and k not in self.adapter.streams}
         kwargs.update(zip(self.adapter.streams, streams))
+        if skip is not None:
+            kwargs["skip"] = skip
         call = self.adapter.bind(block, (), kwargs)
         self.adapter.patch_block_kwargs(call, start, end, lengths)
         if self.sp_world > 1:
@@ -147,6 +155,7 @@ class PatchPipeline:
             n_local = local[0].shape[1]
             header_len = len(m.method.export_step_state(n_local))
             header = None
+            produced: dict[int, torch.Tensor] = {}  # long-skip sources of this patch
             if is_first:
                 x = tuple(local)
             else:
@@ -154,21 +163,28 @@ class PatchPipeline:
                 works = [pp.irecv(header, pp.prev_rank)] if header_len else []
                 x = tuple(torch.empty_like(t) for t in local)
                 works += [pp.irecv(t, pp.prev_rank) for t in x]
+                for source in self.carry_in:
+                    produced[source] = torch.empty_like(local[0])
+                    works.append(pp.irecv(produced[source], pp.prev_rank))
                 for w in works:
                     pp.wait(w, "PipeFusion recv")
                 if header_len:
                     m.method.import_step_state(header.tolist())
             self.context.n_text_local = local[1].shape[1] if len(local) > 1 else 0
             for index in range(self.first_block, self.last_block + 1):
-                call = self._call(index, arguments, x, start, end, lengths)
+                skip = produced.get(self.skips[index]) if index in self.skips else None
+                call = self._call(index, arguments, x, start, end, lengths, skip)
                 x, action, fraction = m.method.run_block(index, call)
                 m.stats.record(index, action, fraction)
+                if index in self.carry_out or index in self.skips.values():
+                    produced[index] = x[0]
                 if index == 0:
                     header = torch.tensor(m.method.export_step_state(n_local), dtype=torch.float64, device=x[0].device)
             if is_last:
                 outputs.append(x)
                 continue
-            for t in ([header] if header_len else []) + [t.contiguous() for t in x]:
+            carried = [produced[source].contiguous() for source in self.carry_out]
+            for t in ([header] if header_len else []) + [t.contiguous() for t in x] + carried:
                 sends.append((pp.isend(t, pp.next_rank), t))
         for work, _ in sends:
             pp.wait(work, "PipeFusion send")

@@ -135,6 +135,11 @@ class BlockAdapter:
         value = timestep.flatten()[0].item() if torch.is_tensor(timestep) else float(timestep)
         return float(value) / self.timestep_max
 
+    def tea_coefficients_for(self, transformer: nn.Module) -> Sequence[float] | None:
+        """The published TeaCache polynomial for this checkpoint (variants of one family can
+        differ, e.g. CogVideoX-2b / 5b / 1.5); the family's set by default."""
+        return self.tea_coefficients
+
     def modulated_input(self, call: BlockCall) -> torch.Tensor:
         """The timestep-modulated, normalised input of the block (TeaCache's indicator)."""
         raise NotImplementedError(f"{self.family}: TeaCache indicator not implemented")
@@ -167,6 +172,11 @@ class BlockAdapter:
     def install_pipefusion_processors(self, transformer: nn.Module, context: Any) -> None:
         """Route every self-attention through the stale-K/V processors of ``context``."""
         raise NotImplementedError(f"{self.family}: PipeFusion not implemented")
+
+    def long_skips(self, num_blocks: int) -> dict[int, int]:
+        """Consumer block -> producer block of long skip connections the model's own loop wires
+        between blocks (passed as the ``skip`` argument); PipeFusion carries them across stages."""
+        return {}
 
     def patch_block_kwargs(self, call: BlockCall, start: int, end: int, full_lengths: dict[str, int]) -> None:
         """Keep the rows of per-token call arguments (rotary embeddings) that belong to image

@@ -27,6 +27,24 @@ class HunyuanDiTAdapter(BlockAdapter):
         for _, block in self.iter_blocks(transformer):
             block.attn1.set_processor(USPHunyuanSelfAttnProcessor())
 
+    supports_pipefusion = True
+
+    def install_pipefusion_processors(self, transformer, context) -> None:
+        from xfuser.model_executor.layers.pipefusion_attention import PipeFusionHunyuanSelfAttnProcessor
+
+        for index, block in self.iter_blocks(transformer):
+            block.attn1.set_processor(PipeFusionHunyuanSelfAttnProcessor(context, index))
+
+    def long_skips(self, num_blocks: int) -> dict[int, int]:
+        # diffusers' loop pushes the outputs of blocks 0 .. N/2-2 and pops them, last first, into
+        # blocks N/2+1 .. N-1: block c reads the output of block N-1-c
+        return {c: num_blocks - 1 - c for c in range(num_blocks // 2 + 1, num_blocks)}
+
+    def patch_block_kwargs(self, call: BlockCall, start: int, end: int, full_lengths: dict[str, int]) -> None:
+        rope = call.arg("image_rotary_emb")  # image rows only
+        if rope is not None:
+            call.bound.arguments["image_rotary_emb"] = tuple(x[start:end] for x in rope) if isinstance(rope, tuple) else rope[start:end]
+
     def shard_block_kwargs(self, call: BlockCall, rank: int, world: int, full_lengths: dict[str, int]) -> None:
         # attn1 rotates queries and keys, attn2 rotates the image queries: both get this rank's rows
         self.slice_rotary(call, "image_rotary_emb", rank, world)

@@ -47,7 +47,7 @@ class TeaCache(CacheMethod):
         coefficients = (
             getattr(self.config, "tea_coefficients", None)
             or shipped_coefficients(manager.transformer)
-            or manager.adapter.tea_coefficients
+            or manager.adapter.tea_coefficients_for(manager.transformer)
         )
         if coefficients is None:
             logger.warning(
