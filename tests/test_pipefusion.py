@@ -138,8 +138,12 @@ PATCHED = {
         ("flux", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)),
         ("hunyuandit", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)),
     ],
+    3: [  # a middle stage forwards headers and activations it did not create
+        ("pixart-sigma", dict(pipefusion_parallel_degree=3, num_pipeline_patch=4)),
+    ],
     4: [
         ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2, ulysses_degree=2)),
+        ("flux", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2, ulysses_degree=2)),  # text rows split too
         ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2, use_cfg_parallel=True)),
     ],
 }
@@ -156,7 +160,7 @@ def _check_stack_decisions_carried(steps: list[dict], name: str) -> None:
             assert len(tail) == 1, f"{name} step {s['step']}: stages disagree on the stack decision: {actions}"
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_patch_pipeline_runs_every_method_consistently(world):
     runs = [(m, p, dict(warmup_steps=1)) for m, p in PATCHED[world]]
     run = run_on_ranks(_worker, world, runs, METHODS, STEPS, timeout_s=400)

@@ -61,8 +61,11 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         self.engine = engine_config
         self.inputs = input_config
         p = engine_config.parallel_config
-        if p.use_parallel_vae and p.world_size // p.dp_degree < 2:
-            raise ConfigError("--use_parallel_vae needs at least 2 ranks per replica (cfg x sp x pp) to split the decode over")
+        if p.use_parallel_vae and p.cfg_degree * p.sp_degree < 2:
+            raise ConfigError(
+                "--use_parallel_vae needs at least 2 ranks per replica in CFG x SP to split the decode over "
+                "(PipeFusion stages are not used for it)"
+            )
         transformer = pipe.transformer
         adapter = check_method_supported(transformer, engine_config.cache_config)
         if p.sp_degree > 1:

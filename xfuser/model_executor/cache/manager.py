@@ -116,8 +116,9 @@ class CacheManager:
         self.begin_step(self.adapter.normalised_timestep(timestep))
 
     def begin_step(self, t_norm: float | None = None) -> None:
-        """Advance to the next denoising step (runners that call the transformer several
-        times per step, e.g. PipeFusion patches, set ``auto_step=False`` and call this)."""
+        """Advance to the next denoising step (a runner that calls the transformer several
+        times per step would set ``auto_step=False`` and call this; PipeFusion calls it once
+        per step and loops over patches inside the call, so it keeps ``auto_step``)."""
         if self.num_steps is not None and self.step + 1 >= self.num_steps:
             # a new generation started without reset(): begin afresh rather than carry state over
             logger.debug("step counter passed num_steps=%d; starting a new generation", self.num_steps)

@@ -30,12 +30,14 @@ class PatchKVContext:
     num_tokens: int = 0  # image tokens of the full image
     n_text_local: int = 0  # text rows in front of this rank's local sequence (Flux single blocks)
     buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    #: bytes of K/V this rank keeps (reported by the runner)
-    buffer_bytes: int = 0
 
     def reset(self) -> None:
         self.buffers.clear()
-        self.buffer_bytes = 0
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of stale K/V this rank keeps (every self-attention layer of its stage)."""
+        return sum(2 * k.numel() * k.element_size() for k, _ in self.buffers.values())
 
     def set_patch(self, start: int, end: int, num_tokens: int) -> None:
         self.start, self.end, self.num_tokens = start, end, num_tokens
@@ -58,7 +60,6 @@ class PatchKVContext:
                 )
             entry = (torch.empty(shape, dtype=key.dtype, device=key.device), torch.empty(shape, dtype=value.dtype, device=value.device))
             self.buffers[layer] = entry
-            self.buffer_bytes += 2 * entry[0].numel() * entry[0].element_size()
         if key.shape[1] != self.end - self.start:
             raise RuntimeError(f"PipeFusion: {key.shape[1]} key rows for patch rows [{self.start}, {self.end})")
         entry[0][:, self.start:self.end] = key

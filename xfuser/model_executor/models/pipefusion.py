@@ -1,8 +1,9 @@
 """PipeFusion on the block path: transformer blocks split into stages, the image into patches.
 
 Every rank runs the pipeline's own denoising loop and calls the whole transformer once per
-step (embeddings and output head are cheap and run on the full image everywhere; the blocks a
-stage does not own are moved to the meta device, so each rank holds only its stage's weights).
+step (embeddings and output head are cheap and run on the full image everywhere; after setup
+the blocks a stage does not own are moved to the meta device, so each rank keeps only its
+stage's weights -- the whole model is loaded first, then freed).
 When the model's block loop reaches block 0, this runner takes over and runs *its stage's*
 blocks patch by patch:
 
@@ -11,7 +12,8 @@ blocks patch by patch:
   the last stage collects the patches. While stage 1 works on patch ``p``, stage 0 already
   works on patch ``p + 1``: that overlap is the parallelism;
 * attention reads full-image keys/values: each layer's buffer is refreshed by the current
-  patch and holds the other patches' rows from when they last passed (stale by < 1 step);
+  patch and holds the other patches' rows from when they last passed through that layer (the
+  previous step, or earlier when the cache skipped the layer for that patch);
 * the first ``warmup_steps`` steps run the full image as one patch (exact; fills the buffers);
 * at the end of the step the last stage broadcasts the finished hidden states to the stage
   peers, and the remaining block calls of the model's loop pass them through, so the output
@@ -153,7 +155,7 @@ class PatchPipeline:
             self.context.set_patch(start, end, n_image)
             local = [self._local(n, t, start, end) for n, t in zip(names, full)]
             n_local = local[0].shape[1]
-            header_len = len(m.method.export_step_state(n_local))
+            header_len = m.method.step_state_size(n_local)
             header = None
             produced: dict[int, torch.Tensor] = {}  # long-skip sources of this patch
             if is_first:
@@ -188,6 +190,8 @@ class PatchPipeline:
                 sends.append((pp.isend(t, pp.next_rank), t))
         for work, _ in sends:
             pp.wait(work, "PipeFusion send")
+        if m.debug_agreement:  # this stage's decisions of this step, across its CFG x SP peers
+            m.sync.verify_same(m.decision_log()[-1:], f"PipeFusion cache decisions of step {m.step}")
         if is_last:
             result = [torch.cat([self._gather(names[0], o[0]) for o in outputs], dim=1)]
             result += [self._gather(n, t) for n, t in zip(names[1:], outputs[-1][1:])]

@@ -30,6 +30,10 @@ class CacheMethod:
         return self.manager.compute(call), "C", 1.0
 
     # ------------------------------------------------------------------ step-level decisions
+    def step_state_size(self, n_tokens: int) -> int:
+        """Length of :meth:`export_step_state` for ``n_tokens`` local image tokens."""
+        return 0
+
     def export_step_state(self, n_tokens: int) -> list[float]:
         """What later PipeFusion stages need of this step's decision for the current patch
         (made at block 0, on the first stage); fixed length for ``n_tokens`` local image tokens."""

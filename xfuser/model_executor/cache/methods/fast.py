@@ -130,6 +130,9 @@ class FastCache(CacheMethod):
         self.motion_fraction = total_motion / n_tokens
 
     # ------------------------------------------------------------------ PipeFusion hand-over
+    def step_state_size(self, n_tokens: int) -> int:
+        return 4 + 2 * n_tokens
+
     def export_step_state(self, n_tokens: int) -> list[float]:
         """τ_t and the motion/static split of this rank's ``n_tokens`` image tokens for the
         later stages: the padded query index (its length, then the rows, -1 filled; padding may

@@ -69,6 +69,9 @@ class TeaCache(CacheMethod):
         self.skip = False
         self.consecutive = 0
 
+    def step_state_size(self, n_tokens: int) -> int:
+        return 1
+
     def export_step_state(self, n_tokens: int) -> list[float]:
         return [float(self.skip)]
 
