@@ -39,3 +39,15 @@ def init_logger(name: str) -> logging.Logger:
     if not name.startswith(_ROOT):
         name = f"{_ROOT}.{name}"
     return logging.getLogger(name)
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def warn_once(logger: logging.Logger, message: str, *args) -> None:
+    """Log a warning the first time this (logger, formatted message) pair occurs in the process:
+    per-patch cache states (PipeFusion) would otherwise repeat configuration warnings."""
+    key = (logger.name, message % args if args else message)
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message, *args)

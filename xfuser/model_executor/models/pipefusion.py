@@ -185,6 +185,14 @@ class PatchPipeline:
             if is_last:
                 outputs.append(x)
                 continue
+            for name, out, expected in zip(names, x, local):
+                # the next stage sized its receive buffers from its own inputs: a block that
+                # changed a stream's shape or dtype would corrupt the exchange, so fail loudly
+                if out.shape != expected.shape or out.dtype != expected.dtype:
+                    raise RuntimeError(
+                        f"PipeFusion stage {self.stage}: {name} leaves block {self.last_block} as "
+                        f"{tuple(out.shape)} {out.dtype}, but stages exchange {tuple(expected.shape)} {expected.dtype}"
+                    )
             carried = [produced[source].contiguous() for source in self.carry_out]
             for t in ([header] if header_len else []) + [t.contiguous() for t in x] + carried:
                 sends.append((pp.isend(t, pp.next_rank), t))

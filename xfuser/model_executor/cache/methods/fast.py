@@ -25,7 +25,7 @@ from functools import lru_cache
 import torch
 from scipy.stats import chi2
 
-from xfuser.logger import init_logger
+from xfuser.logger import init_logger, warn_once
 from xfuser.model_executor.cache.adapters.base import BlockCall, Streams
 from xfuser.model_executor.cache.linear_approx import RidgeResidualMap
 from xfuser.model_executor.cache.methods.base import CacheMethod
@@ -66,7 +66,8 @@ class FastCache(CacheMethod):
         self.fit_enabled = self.approximation in ("fitted", "auto") and self.config.cache_ratio_threshold > 0
         self.ridge = float(getattr(self.config, "ridge", 0.1))
         if self.config.motion_threshold > 0 and not manager.adapter.supports_token_subset:
-            logger.warning(
+            warn_once(
+                logger,
                 "Fast: spatial token reduction is not implemented for %s blocks; motion_threshold=%s "
                 "has no effect on this model (block-level skipping and the fitted approximation still apply)",
                 manager.adapter.family,

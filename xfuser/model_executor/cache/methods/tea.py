@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xfuser.logger import init_logger
+from xfuser.logger import init_logger, warn_once
 from xfuser.model_executor.cache.adapters.base import BlockCall, Streams
 from xfuser.model_executor.cache.methods.base import CacheMethod
 
@@ -50,7 +50,8 @@ class TeaCache(CacheMethod):
             or manager.adapter.tea_coefficients_for(manager.transformer)
         )
         if coefficients is None:
-            logger.warning(
+            warn_once(
+                logger,
                 "no TeaCache coefficients for %s: using the identity rescale %s; fit real ones with "
                 "`python -m xfuser.model_executor.cache.calibrate --model ... --out coeffs.json` and pass "
                 "them as tea_coefficients",
