@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb
+
+from xfuser.model_executor.layers.projections import flux_out, flux_qkv, self_attention_out, self_attention_qkv
 
 
 @dataclass
@@ -120,20 +121,9 @@ class PipeFusionSelfAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if attention_mask is not None or attn.group_norm is not None or attn.spatial_norm is not None:
             raise NotImplementedError("PipeFusion self-attention supports no mask / group norm / spatial norm")
-        residual = hidden_states
-        kv_source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
-        key = attn.to_k(kv_source).unflatten(-1, (attn.heads, -1))
-        value = attn.to_v(kv_source).unflatten(-1, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = self_attention_qkv(attn, hidden_states, encoder_hidden_states)
         out = self.context.attend(self.layer, query, key, value, n_text=0, scale=attn.scale).flatten(2, 3).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return self_attention_out(attn, out, hidden_states)
 
 
 class PipeFusionHunyuanSelfAttnProcessor:
@@ -147,21 +137,9 @@ class PipeFusionHunyuanSelfAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, image_rotary_emb=None):
         if attention_mask is not None or encoder_hidden_states is not None or attn.spatial_norm is not None or attn.group_norm is not None:
             raise NotImplementedError("PipeFusion HunyuanDiT self-attention supports no mask / context / group or spatial norm")
-        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = self_attention_qkv(attn, hidden_states, image_rotary_emb=image_rotary_emb)
         out = self.context.attend(self.layer, query, key, value, n_text=0).flatten(2, 3).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
+        return self_attention_out(attn, out, hidden_states)
 
 
 class PipeFusionFluxAttnProcessor:
@@ -176,26 +154,7 @@ class PipeFusionFluxAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
         if attention_mask is not None:
             raise NotImplementedError("PipeFusion Flux attention does not support attention masks")
-        if getattr(attn, "fused_projections", False):
-            raise NotImplementedError("PipeFusion Flux attention expects unfused projections")
-        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim)))
-        value = attn.to_v(hidden_states).unflatten(-1, (-1, attn.head_dim))
-        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
-        if joint:
-            eq = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
-            ek = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
-            ev = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
-            query, key, value = (torch.cat(p, dim=1) for p in ((eq, query), (ek, key), (ev, value)))
-            n_text = encoder_hidden_states.shape[1]
-        else:
-            n_text = self.context.n_text_local
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value, joint = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        n_text = encoder_hidden_states.shape[1] if joint else self.context.n_text_local
         out = self.context.attend(self.layer, query, key, value, n_text=n_text).flatten(2, 3).to(query.dtype)
-        if not joint:
-            return out
-        text, image = out[:, :n_text], out[:, n_text:]
-        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-        return image, attn.to_add_out(text.contiguous())
+        return flux_out(attn, out, n_text, joint)

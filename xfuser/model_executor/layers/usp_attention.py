@@ -11,6 +11,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from xfuser.core.attention.usp import usp_attention
+from xfuser.model_executor.layers.projections import flux_out, flux_qkv, self_attention_out, self_attention_qkv
 
 
 class USPSelfAttnProcessor:
@@ -24,20 +25,9 @@ class USPSelfAttnProcessor:
             raise NotImplementedError("USP self-attention supports no mask / group norm / spatial norm")
         if hidden_states.ndim != 3:
             raise NotImplementedError("USP self-attention expects (batch, tokens, channels) inputs")
-        residual = hidden_states
-        kv_source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
-        key = attn.to_k(kv_source).unflatten(-1, (attn.heads, -1))
-        value = attn.to_v(kv_source).unflatten(-1, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = self_attention_qkv(attn, hidden_states, encoder_hidden_states)
         out = usp_attention(query, key, value, scale=attn.scale).flatten(2, 3).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return self_attention_out(attn, out, hidden_states)
 
 
 class USPFluxAttnProcessor:
@@ -47,27 +37,9 @@ class USPFluxAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
         if attention_mask is not None:
             raise NotImplementedError("USP Flux attention does not support attention masks")
-        if getattr(attn, "fused_projections", False):
-            raise NotImplementedError("USP Flux attention expects unfused projections")
-        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim)))
-        value = attn.to_v(hidden_states).unflatten(-1, (-1, attn.head_dim))
-        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
-        if joint:
-            eq = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
-            ek = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
-            ev = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
-            query, key, value = (torch.cat(p, dim=1) for p in ((eq, query), (ek, key), (ev, value)))
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value, joint = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         out = usp_attention(query, key, value).flatten(2, 3).to(query.dtype)
-        if not joint:
-            return out
-        n_text = encoder_hidden_states.shape[1]
-        text, image = out[:, :n_text], out[:, n_text:]
-        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-        return image, attn.to_add_out(text.contiguous())
+        return flux_out(attn, out, encoder_hidden_states.shape[1] if joint else 0, joint)
 
 
 class USPHunyuanSelfAttnProcessor:
@@ -77,22 +49,10 @@ class USPHunyuanSelfAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, image_rotary_emb=None):
         if attention_mask is not None or encoder_hidden_states is not None or attn.spatial_norm is not None or attn.group_norm is not None:
             raise NotImplementedError("USP HunyuanDiT self-attention supports no mask / context / group or spatial norm")
-        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = self_attention_qkv(attn, hidden_states, image_rotary_emb=image_rotary_emb)
         # HunyuanDiT's own processor uses SDPA's default 1/sqrt(head_dim) scale
         out = usp_attention(query, key, value).flatten(2, 3).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
+        return self_attention_out(attn, out, hidden_states)
 
 
 class USPCogVideoXAttnProcessor:
