@@ -103,6 +103,8 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
             adapter.install_usp_processors(transformer)
         self.manager: CacheManager | None = None
         self.enable_cache(engine_config.cache_config)
+        if p.pp_degree > 1:  # once, after the cache path exists: each stage keeps only its own blocks
+            free_foreign_blocks(self.manager, self.stages, get_pp_group().rank_in_group)
         self.output = None
         self.latency_s: float | None = None
 
@@ -184,9 +186,6 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
                 self.manager, self.adapter, pp, get_sp_group(), self.stages, p.num_pipeline_patch,
                 self.engine.runtime_config.warmup_steps, self.patch_context,
             )
-            if not getattr(self, "_foreign_blocks_freed", False):
-                free_foreign_blocks(self.manager, self.stages, pp.rank_in_group)
-                self._foreign_blocks_freed = True
         elif p.sp_degree > 1:
             self.manager.sequence_shard = SequenceShard(self.adapter, get_sp_group(), self.manager.num_blocks)
 

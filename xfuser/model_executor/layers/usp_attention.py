@@ -65,13 +65,7 @@ class USPCogVideoXAttnProcessor:
             raise NotImplementedError("USP CogVideoX attention does not support attention masks")
         n_text = encoder_hidden_states.shape[1]
         joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        query = attn.to_q(joint).unflatten(-1, (attn.heads, -1))
-        key = attn.to_k(joint).unflatten(-1, (attn.heads, -1))
-        value = attn.to_v(joint).unflatten(-1, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = self_attention_qkv(attn, joint)  # rotary applies to the video rows only, below
         if image_rotary_emb is not None:
             query = torch.cat([query[:, :n_text], apply_rotary_emb(query[:, n_text:], image_rotary_emb, sequence_dim=1)], dim=1)
             if not attn.is_cross_attention:
