@@ -46,19 +46,32 @@ def _extra_call_kwargs(model_type: str) -> dict:
     return {k: v for k, v in tiny_call_kwargs(model_type).items() if k not in skip}
 
 
+def _build(model_type: str):
+    """A tiny pipeline; ``"<type>:ddim"`` swaps in a DDIM scheduler (tiny HunyuanDiT ships
+    DDPM, whose noise makes the patch pipeline drain every step)."""
+    from diffusers import DDIMScheduler
+
+    from xfuser.testing.tiny_pipelines import build_tiny_pipeline
+
+    model_type, _, scheduler = model_type.partition(":")
+    pipe = build_tiny_pipeline(model_type)
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _worker(rank: int, world: int, runs: list[tuple[str, dict, dict]], methods: dict, steps: int) -> list[dict]:
     """Each run: a fresh pipeline and runner (PipeFusion frees foreign blocks), every method."""
     from xfuser.core.distributed import destroy_model_parallel, get_pp_group
     from xfuser.parallel import xDiTParallel
-    from xfuser.testing.tiny_pipelines import build_tiny_pipeline
 
     out = []
     for model_type, parallel, runtime in runs:
-        pipe = build_tiny_pipeline(model_type)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = _build(model_type)
         runner, results = None, {}
         for name, method in methods.items():
-            engine, inputs = _args(model_type, parallel, method, steps, **runtime).create_config(world_size=world)
+            engine, inputs = _args(model_type.partition(":")[0], parallel, method, steps, **runtime).create_config(world_size=world)
             if runner is None:
                 runner = xDiTParallel(pipe, engine, inputs)
             else:
@@ -66,11 +79,12 @@ def _worker(rank: int, world: int, runs: list[tuple[str, dict, dict]], methods: 
                 runner.enable_cache(engine.cache_config)
             pp = get_pp_group()
             pp.reset_counters()
-            latents = runner(**_extra_call_kwargs(model_type)).images.clone()
+            latents = runner(**_extra_call_kwargs(model_type.partition(":")[0])).images.clone()
             stats = runner.get_cache_statistics()
             results[name] = {
                 "latents": latents, "log": runner.manager.decision_log(), "p2p_bytes": pp.bytes_sent,
                 "steps": stats["per_step"], "hit_ratio": stats["hit_ratio"], "stage": pp.rank_in_group,
+                "overlap": runner.manager.patch_pipeline.overlap if runner.manager.patch_pipeline else False,
             }
         out.append(results)
         destroy_model_parallel()
@@ -262,3 +276,40 @@ def test_stale_kv_attention_is_exact_once_every_patch_is_fresh():
     assert not torch.allclose(first[0], full, atol=1e-3)  # stale rows were used
     torch.testing.assert_close(first[0][:, 8:], full[:, 8:])  # the last patch sees all fresh rows
     torch.testing.assert_close(first[1], full)
+
+
+OVERLAP = {
+    2: [
+        ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)),
+        ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=4)),
+        ("pixart-alpha", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)),
+        ("flux", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)),
+        ("hunyuandit:ddim", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)),  # long skips + overlap
+    ],
+    3: [("pixart-sigma", dict(pipefusion_parallel_degree=3, num_pipeline_patch=4))],
+    4: [
+        ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2, ulysses_degree=2)),
+        ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2, use_cfg_parallel=True)),
+        ("flux", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2, ulysses_degree=2)),
+    ],
+}
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_step_overlap_equals_per_step_pipeline_for_every_method(world):
+    """Overlapping steps (stage 0 starts step t+1 on a patch the last stage has just stepped
+    with that patch's own scheduler) attends to exactly the same stale K/V rows as draining the
+    pipeline every step, so the two must agree to float tolerance, decisions included."""
+    runs = []
+    for model_type, parallel in OVERLAP[world]:
+        runs += [(model_type, parallel, dict(warmup_steps=1)), (model_type, parallel, dict(warmup_steps=1, pipefusion_sync_steps=True))]
+    run = run_on_ranks(_worker, world, runs, METHODS, STEPS, timeout_s=400)
+    for i in range(0, len(runs), 2):
+        for rank, results in enumerate(run.results):
+            overlapped, per_step = results[i], results[i + 1]
+            for name in METHODS:
+                err = _rel(overlapped[name]["latents"], per_step[name]["latents"])
+                assert err <= 1e-5, f"{runs[i][:2]} rank {rank} {name}: overlapped vs per-step {err:.2e}"
+                assert overlapped[name]["log"] == per_step[name]["log"], f"{runs[i][:2]} {name}: decisions differ"
+        # the comparison is vacuous unless the first run really overlapped steps
+        assert all(r[i]["None"]["overlap"] and not r[i + 1]["None"]["overlap"] for r in run.results), runs[i][:2]

@@ -14,6 +14,7 @@ share of the prompts. The denoising loop is the pipeline's own, shared by every 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,7 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
             PatchPipeline(
                 self.manager, self.adapter, pp, get_sp_group(), self.stages, p.num_pipeline_patch,
                 self.engine.runtime_config.warmup_steps, self.patch_context,
+                step_overlap=self.engine.runtime_config.pipefusion_step_overlap,
             )
         elif p.sp_degree > 1:
             self.manager.sequence_shard = SequenceShard(self.adapter, get_sp_group(), self.manager.num_blocks)
@@ -219,14 +221,30 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
     def __call__(self, **overrides: Any):
         kwargs = self.call_kwargs(**overrides)
         self.manager.reset(kwargs["num_inference_steps"])
+        scheduler_hold = self._begin_patch_generation(kwargs) if self.manager.patch_pipeline is not None else nullcontext()
         start = time.perf_counter()
-        self.output = self.pipe(**kwargs)
+        with scheduler_hold:
+            self.output = self.pipe(**kwargs)
         self.latency_s = time.perf_counter() - start
         if self.manager.debug_agreement:
             self.manager.sync.verify_same(self.manager.decision_log())
         if self.manager.patch_pipeline is not None:
             self.manager.patch_pipeline.merge_stage_statistics()
         return self.output
+
+    def _begin_patch_generation(self, kwargs: dict[str, Any]):
+        """Tell the patch pipeline what the pipeline's loop will do between transformer calls
+        (guidance, scheduler step arguments), so its last stage can step patches itself."""
+        pipe = self.pipe
+        scale = kwargs.get("guidance_scale", _call_default(pipe, "guidance_scale"))
+        do_cfg = _has_cfg(pipe) and scale is not None and scale > 1.0
+        step_kwargs = {}
+        if hasattr(pipe, "prepare_extra_step_kwargs"):
+            step_kwargs = pipe.prepare_extra_step_kwargs(kwargs.get("generator"), kwargs.get("eta", 0.0))
+        return self.manager.patch_pipeline.begin_generation(
+            pipe.scheduler, scale, do_cfg, get_cfg_group(), step_kwargs,
+            guidance_rescale=kwargs.get("guidance_rescale", _call_default(pipe, "guidance_rescale") or 0.0),
+        )
 
     def get_cache_statistics(self) -> dict[str, Any]:
         return self.manager.statistics()

@@ -72,6 +72,7 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
     output_type: str = "pil"
     max_sequence_length: int | None = None
     warmup_steps: int = 1
+    pipefusion_sync_steps: bool = False
     data_parallel_degree: int = 1
     use_cfg_parallel: bool = False
     ulysses_degree: int = 1
@@ -109,6 +110,8 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
         _add(g, "max_sequence_length", type=int, default=None, help="text tokens (default: the pipeline's)")
         p = parser.add_argument_group("parallelism")
         _add(p, "warmup_steps", type=int, default=1, help="PipeFusion synchronous warm-up steps (1)")
+        _add(p, "pipefusion_sync_steps", action="store_true",
+             help="PipeFusion: drain the patch pipeline every step instead of overlapping steps (same result, slower)")
         _add(p, "data_parallel_degree", type=int, default=1, help="data-parallel replicas (1)")
         _add(p, "use_cfg_parallel", action="store_true", help="cond/uncond branches on different ranks")
         _add(p, "ulysses_degree", type=int, default=1, help="Ulysses sequence-parallel degree (1)")
@@ -163,6 +166,7 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
             model_config=ModelConfig(self.model, self.dtype),
             runtime_config=RuntimeConfig(
                 warmup_steps=self.warmup_steps,
+                pipefusion_step_overlap=not self.pipefusion_sync_steps,
                 use_torch_compile=self.use_torch_compile,
                 collective_timeout_s=self.collective_timeout,
                 debug_cache_agreement=self.debug_cache_agreement,

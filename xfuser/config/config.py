@@ -129,12 +129,16 @@ class RuntimeConfig:
     """warmup_steps: synchronous full-image steps before PipeFusion's patch pipeline (1).
     use_torch_compile: compile the transformer (off). collective_timeout_s: seconds any
     collective may wait before raising (300). debug_cache_agreement: check after every step
-    that all ranks of a forward took identical cache decisions (off; costs one gather/step)."""
+    that all ranks of a forward took identical cache decisions (off; costs one gather/step).
+    pipefusion_step_overlap: PipeFusion's stage 0 starts step t+1 on a patch as soon as the
+    last stage has stepped it, so the pipeline fills once per generation instead of once per
+    step (on; off = ``--pipefusion_sync_steps``, same numerics, one bubble per step)."""
 
     warmup_steps: int = 1
     use_torch_compile: bool = False
     collective_timeout_s: float = 300.0
     debug_cache_agreement: bool = False
+    pipefusion_step_overlap: bool = True
 
     def __post_init__(self) -> None:
         _positive_int(self.warmup_steps, "--warmup_steps", minimum=0)

@@ -68,6 +68,7 @@ class CacheManager:
         self.sequence_shard = None  # set by the USP runner: splits/gathers the streams
         self.patch_pipeline = None  # set by the PipeFusion runner: runs this stage's blocks per patch
         self.segments: list[tuple[int, int]] = [(0, self.num_blocks - 1)]  # PipeFusion: one per stage
+        self.forward_call: tuple[tuple, dict] | None = None  # the current transformer call's inputs
         self._default_method = self.method
         self.reset()
 
@@ -108,6 +109,7 @@ class CacheManager:
 
     # ------------------------------------------------------------------ step bookkeeping
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.forward_call = (args, kwargs)  # PipeFusion's last stage re-runs the head per patch
         if not self.auto_step:
             return
         timestep = kwargs.get(self.adapter.timestep_arg)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from xfuser.config.config import ConfigError
-from xfuser.logger import init_logger
+from xfuser.logger import init_logger, warn_once
 from xfuser.model_executor.cache.adapters.base import BlockAdapter, BlockCall, Streams
 from xfuser.model_executor.layers.pipefusion_attention import PatchKVContext
 
@@ -66,21 +66,36 @@ def stage_ranges(num_blocks: int, degree: int, layers_per_stage: list[int] | Non
     return out
 
 
+def latent_rows(tensor: torch.Tensor, start: int, end: int, num_tokens: int) -> torch.Tensor:
+    """The part of a latent-space tensor that holds image tokens ``[start, end)`` of
+    ``num_tokens`` (a view): token rows are latent rows, so a ``(B, C, H, W)`` latent is cut
+    along H, a packed ``(B, tokens, C)`` latent (Flux) along its tokens."""
+    if tensor.dim() == 4:
+        height = tensor.shape[-2]
+        return tensor[..., start * height // num_tokens:end * height // num_tokens, :]
+    if tensor.dim() == 3 and tensor.shape[1] == num_tokens:
+        return tensor[:, start:end]
+    raise ValueError(f"PipeFusion: cannot locate {num_tokens} image tokens in a latent of shape {tuple(tensor.shape)}")
+
+
 class PatchPipeline:
     """This rank's stage of the patch pipeline (see the module docstring)."""
 
     def __init__(self, manager, adapter: BlockAdapter, pp_group, sp_group, stages: list[tuple[int, int]],
-                 num_patches: int, warmup_steps: int, context: PatchKVContext) -> None:
+                 num_patches: int, warmup_steps: int, context: PatchKVContext, step_overlap: bool = True) -> None:
         self.manager = manager
         self.adapter = adapter
+        self.transformer = manager.transformer
         self.pp = pp_group
         self.sp = sp_group
         self.stages = stages
         self.stage = pp_group.rank_in_group
         self.first_block, self.last_block = stages[self.stage]
+        self.is_first, self.is_last = self.stage == 0, self.stage == len(stages) - 1
         self.num_patches = num_patches
         self.warmup_steps = warmup_steps
         self.context = context
+        self.step_overlap = step_overlap
         self.sp_rank = sp_group.rank_in_group if sp_group is not None else 0
         self.sp_world = sp_group.world_size if sp_group is not None else 1
         self._params: dict[type, set[str]] = {}
@@ -93,13 +108,134 @@ class PatchPipeline:
         manager.segments = list(stages)
         manager.patch_pipeline = self
         manager.sequence_shard = None  # the runner splits the patches over SP itself
+        self.overlap = False  # set per generation by begin_generation()
+        self.reset()
 
     def reset(self) -> None:
         self.context.reset()
+        self._inject: Streams | None = None  # streams block 0 hands back when re-running the head
+        self._latents: torch.Tensor | None = None  # stage 0 / last stage: the true latents
+        self._schedulers: list | None = None  # last stage: one patch scheduler per patch
+        self._latent_recvs: list | None = None  # stage 0: this step's patch latents from the last stage
+        self._head: list[torch.Tensor] | None = None  # last stage: full-image block outputs
+
+    # ------------------------------------------------------------------ cross-step overlap
+    def begin_generation(self, scheduler, guidance_scale: float | None, do_cfg: bool, cfg_group,
+                         step_kwargs: dict[str, Any], guidance_rescale: float = 0.0):
+        """Decide whether this generation overlaps denoising steps and return the context that
+        holds the pipeline's scheduler step while it does (the last stage steps each patch
+        itself; see ``schedulers/patch_scheduler.py``)."""
+        from contextlib import nullcontext
+
+        from xfuser.model_executor.schedulers.patch_scheduler import StepOverride, not_patch_aware_reason
+
+        reason = None if self.step_overlap else "--pipefusion_sync_steps"
+        reason = reason or not_patch_aware_reason(scheduler, step_kwargs)
+        if reason is None and self.adapter.image_embedder is None:
+            reason = f"the {self.adapter.family} adapter names no image embedder"
+        if reason is None and guidance_rescale:
+            reason = "guidance_rescale > 0 rescales by the whole image's std"
+        self.overlap = reason is None
+        if not self.overlap:
+            if self.step_overlap:
+                warn_once(logger, f"PipeFusion: denoising steps do not overlap ({reason}); patches pipeline within each step")
+            return nullcontext()
+        self.scheduler = scheduler
+        self.guidance_scale = guidance_scale
+        self.do_cfg = do_cfg
+        self.cfg_group = cfg_group if cfg_group is not None and cfg_group.world_size > 1 else None
+        self.step_kwargs = dict(step_kwargs)
+        return StepOverride(scheduler, self._overlapping, self._scheduler_step)
+
+    def _overlapping(self) -> bool:
+        return self.overlap and self.manager.step >= self.warmup_steps
+
+    def _final_step(self) -> bool:
+        m = self.manager
+        return m.num_steps is not None and m.step >= m.num_steps - 1
+
+    def _scheduler_step(self, sample: torch.Tensor) -> torch.Tensor:
+        """The pipeline's scheduler step of an overlapped step: the last stage has stepped every
+        patch already; at the last step it broadcasts the final latents to its stage peers (the
+        only full-size exchange of an overlapped generation). Other stages' latents between
+        steps are placeholders (stage 0 receives each patch's latents from the last stage)."""
+        if not self._final_step():
+            return self._latents.clone() if self.is_last else sample
+        final = self._latents.clone() if self.is_last else torch.empty_like(sample)
+        return self.pp.broadcast(final, src=len(self.stages) - 1)
+
+    def _copies(self) -> int:
+        """Latent batches in this rank's model input: 2 when cond and uncond share the forward."""
+        return 2 if self.do_cfg and self.cfg_group is None else 1
+
+    def _start_overlap(self, model_input: torch.Tensor, n_image: int, embedded: torch.Tensor) -> None:
+        """First overlapped step: the true latents are the model input (the warm-up steps were
+        synchronous); the last stage derives one scheduler per patch from the pipeline's."""
+        from xfuser.model_executor.schedulers.patch_scheduler import patch_scheduler
+
+        batch = model_input.shape[0] // self._copies()
+        self._latents = model_input[:batch].clone()
+        if self.is_first:
+            mine = self._embed(n_image)
+            if mine.shape != embedded.shape or not torch.allclose(mine, embedded, rtol=1e-4, atol=1e-5):
+                raise RuntimeError(
+                    f"PipeFusion: {self.adapter.family}.{self.adapter.image_embedder} does not reproduce the model's "
+                    "image stream, so patches cannot be re-embedded; run with --pipefusion_sync_steps"
+                )
+        if self.is_last:
+            bounds = self._bounds(n_image, self.num_patches)
+            self._schedulers = [
+                patch_scheduler(self.scheduler, self._latents.shape, lambda x, s=s, e=e: latent_rows(x, s, e, n_image))
+                for s, e in bounds
+            ]
+
+    def _embed(self, n_image: int) -> torch.Tensor:
+        """Image stream of the current true latents (stage 0), as the model's forward embeds it."""
+        embedder = getattr(self.transformer, self.adapter.image_embedder)
+        model_input = self._latents.repeat(self._copies(), *([1] * (self._latents.dim() - 1)))
+        return embedder(model_input)
+
+    def _post_latent_recvs(self, n_image: int) -> None:
+        self._latent_recvs = []
+        for s, e in self._bounds(n_image, self.num_patches):
+            buffer = torch.empty_like(latent_rows(self._latents, s, e, n_image))
+            self._latent_recvs.append((self.pp.irecv(buffer, self.pp.prev_rank), buffer))
+
+    def _step_patch(self, p: int, start: int, end: int, n_image: int, streams: Streams, full: Streams) -> torch.Tensor:
+        """Last stage: head, guidance and scheduler step of one patch; returns its new latents."""
+        if self._head is None:
+            self._head = [torch.zeros_like(t) for t in full]
+        self._head[0][:, start:end] = streams[0]
+        for i in range(1, len(streams)):
+            self._head[i] = streams[i]
+        args, kwargs = self.manager.forward_call
+        self._inject = tuple(self._head)
+        try:  # the model's own head (plain forward: no hooks, so no new step and no CFG gather)
+            output = self.transformer.forward(*args, **{**kwargs, "return_dict": False})[0]
+        finally:
+            self._inject = None
+        output = latent_rows(output, start, end, n_image)
+        if self.cfg_group is not None:
+            output = self.cfg_group.all_gather(output.contiguous(), dim=0)
+        prediction = self.adapter.prediction_from_output(output, self.transformer)
+        if self.do_cfg:
+            uncond, cond = prediction.chunk(2)
+            prediction = uncond + self.guidance_scale * (cond - uncond)
+        latents = latent_rows(self._latents, start, end, n_image)
+        t = self.scheduler.timesteps[self.manager.step]
+        new = self._schedulers[p].step(prediction, t, latents, **self.step_kwargs, return_dict=False)[0]
+        latents.copy_(new)
+        return latents.contiguous().clone()
+
+    @staticmethod
+    def _bounds(n_image: int, patches: int) -> list[tuple[int, int]]:
+        return [(p * n_image // patches, (p + 1) * n_image // patches) for p in range(patches)]
 
     # ------------------------------------------------------------------ the block path
     def run_block(self, index: int, block: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         call = self.adapter.bind(block, args, kwargs)
+        if self._inject is not None:  # the last stage re-running the head of one patch
+            return self.adapter.pack_output(self._inject if index == 0 else call.streams)
         if index != 0:
             return self.adapter.pack_output(call.streams)  # block 0 already ran the whole stack
         return self.adapter.pack_output(self._run_step(call))
@@ -142,23 +278,35 @@ class PatchPipeline:
         lengths = {n: t.shape[1] for n, t in zip(names, full)}
         n_image = full[0].shape[1]
         warm = m.step < self.warmup_steps
+        overlap = self.overlap and not warm
         patches = 1 if warm else self.num_patches
         if n_image % patches:
             raise ConfigError(f"{n_image} image tokens cannot be split into --num_pipeline_patch {patches} patches")
+        if overlap and self._latents is None:
+            args, kwargs = m.forward_call
+            self._start_overlap(args[0] if args else kwargs["hidden_states"], n_image, full[0])
+            fresh_input = True  # this step's model input holds the true latents
+        else:
+            fresh_input = not overlap
+        if overlap and self.is_first and not fresh_input:
+            self._post_latent_recvs(n_image)
         arguments = dict(call0.bound.arguments)
-        is_first, is_last = self.stage == 0, self.stage == len(self.stages) - 1
         sends: list = []  # (work, tensor): a tensor must outlive its send
         outputs: list[Streams] = []
-        for p in range(patches):
-            start, end = p * n_image // patches, (p + 1) * n_image // patches
+        for p, (start, end) in enumerate(self._bounds(n_image, patches)):
             m.use_slot("full" if warm else p)
             self.context.set_patch(start, end, n_image)
             local = [self._local(n, t, start, end) for n, t in zip(names, full)]
+            if not fresh_input and self.is_first:  # this patch's latents, stepped by the last stage
+                work, buffer = self._latent_recvs[p]
+                pp.wait(work, "PipeFusion recv of patch latents")
+                latent_rows(self._latents, start, end, n_image).copy_(buffer)
+                local[0] = self._local(names[0], self._embed(n_image), start, end)
             n_local = local[0].shape[1]
             header_len = m.method.step_state_size(n_local)
             header = None
             produced: dict[int, torch.Tensor] = {}  # long-skip sources of this patch
-            if is_first:
+            if self.is_first:
                 x = tuple(local)
             else:
                 header = torch.empty(header_len, dtype=torch.float64, device=local[0].device)
@@ -182,8 +330,14 @@ class PatchPipeline:
                     produced[index] = x[0]
                 if index == 0:
                     header = torch.tensor(m.method.export_step_state(n_local), dtype=torch.float64, device=x[0].device)
-            if is_last:
-                outputs.append(x)
+            if self.is_last:
+                if overlap:
+                    gathered = tuple(self._gather(n, t) for n, t in zip(names, x))
+                    new_latents = self._step_patch(p, start, end, n_image, gathered, full)
+                    if not self._final_step():  # stage 0 starts the next step on this patch
+                        sends.append((pp.isend(new_latents, pp.next_rank), new_latents))
+                else:
+                    outputs.append(x)
                 continue
             for name, out, expected in zip(names, x, local):
                 # the next stage sized its receive buffers from its own inputs: a block that
@@ -200,7 +354,9 @@ class PatchPipeline:
             pp.wait(work, "PipeFusion send")
         if m.debug_agreement:  # this stage's decisions of this step, across its CFG x SP peers
             m.sync.verify_same(m.decision_log()[-1:], f"PipeFusion cache decisions of step {m.step}")
-        if is_last:
+        if overlap:  # no end-of-step exchange: the last stage returns its full-image block outputs
+            return tuple(self._head) if self.is_last else full
+        if self.is_last:
             result = [torch.cat([self._gather(names[0], o[0]) for o in outputs], dim=1)]
             result += [self._gather(n, t) for n, t in zip(names[1:], outputs[-1][1:])]
         else:

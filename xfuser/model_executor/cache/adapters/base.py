@@ -76,6 +76,10 @@ class BlockAdapter:
     #: arguments (so a stage can call its blocks from block 0's arguments) and the image
     #: stream is ``streams[0]`` in row-major token order
     supports_pipefusion: ClassVar[bool] = False
+    #: PipeFusion's cross-step overlap re-embeds each latent patch on stage 0: the transformer
+    #: submodule that turns the latent input into the image stream, token by token, exactly as
+    #: the model's forward does first (checked against the forward at the first overlapped step)
+    image_embedder: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         self._signatures: dict[type, inspect.Signature] = {}
@@ -182,6 +186,12 @@ class BlockAdapter:
         """Keep the rows of per-token call arguments (rotary embeddings) that belong to image
         tokens ``[start, end)`` (text rows stay); absolute position embeddings need nothing,
         they were added to the full image before the blocks."""
+
+    def prediction_from_output(self, output: torch.Tensor, transformer: nn.Module) -> torch.Tensor:
+        """The transformer's output -> what the scheduler steps, as the pipeline's loop derives it
+        (models with a learned variance drop those channels); PipeFusion's last stage applies it
+        to one patch at a time when it overlaps steps."""
+        return output
 
     def run_token_subset(self, call: BlockCall, index: torch.Tensor) -> Streams:
         """Compute the block for tokens ``index`` of the first stream only, attending to the

@@ -22,6 +22,7 @@ class FluxAdapter(BlockAdapter):
     supports_sequence_parallel = True
     sp_split_streams = ("hidden_states", "encoder_hidden_states")  # joint attention: split both
     supports_pipefusion = True
+    image_embedder = "x_embedder"  # packed latent tokens -> image stream
 
     def install_pipefusion_processors(self, transformer, context) -> None:
         from xfuser.model_executor.layers.pipefusion_attention import PipeFusionFluxAttnProcessor

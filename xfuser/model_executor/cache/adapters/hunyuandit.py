@@ -28,6 +28,10 @@ class HunyuanDiTAdapter(BlockAdapter):
             block.attn1.set_processor(USPHunyuanSelfAttnProcessor())
 
     supports_pipefusion = True
+    image_embedder = "pos_embed"
+
+    def prediction_from_output(self, output: torch.Tensor, transformer) -> torch.Tensor:
+        return output.chunk(2, dim=1)[0]  # the pipeline always drops the learned-sigma half
 
     def install_pipefusion_processors(self, transformer, context) -> None:
         from xfuser.model_executor.layers.pipefusion_attention import PipeFusionHunyuanSelfAttnProcessor

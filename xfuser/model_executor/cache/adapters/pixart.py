@@ -26,12 +26,18 @@ class PixArtAdapter(BlockAdapter):
     supports_sequence_parallel = True
     sp_split_streams = ("hidden_states",)  # text is cross-attention context: replicated
     supports_pipefusion = True
+    image_embedder = "pos_embed"  # patch embedding + absolute position embedding
 
     def install_pipefusion_processors(self, transformer, context) -> None:
         from xfuser.model_executor.layers.pipefusion_attention import PipeFusionSelfAttnProcessor
 
         for index, block in self.iter_blocks(transformer):
             block.attn1.set_processor(PipeFusionSelfAttnProcessor(context, index))
+
+    def prediction_from_output(self, output: torch.Tensor, transformer) -> torch.Tensor:
+        if transformer.config.out_channels // 2 == transformer.config.in_channels:  # learned sigma
+            return output.chunk(2, dim=1)[0]
+        return output
 
     def install_usp_processors(self, transformer) -> None:
         from xfuser.model_executor.layers.usp_attention import USPSelfAttnProcessor
