@@ -15,10 +15,15 @@ blocks patch by patch:
   patch and holds the other patches' rows from when they last passed through that layer (the
   previous step, or earlier when the cache skipped the layer for that patch);
 * the first ``warmup_steps`` steps run the full image as one patch (exact; fills the buffers);
-* at the end of the step the last stage broadcasts the finished hidden states to the stage
-  peers, and the remaining block calls of the model's loop pass them through, so the output
-  head, the guidance and the scheduler step run on identical full latents on every rank
-  (patches pipeline within a step; there is no overlap across steps, see docs/architecture.md).
+* in a warm-up step the last stage broadcasts the finished hidden states to the stage peers,
+  and the remaining block calls of the model's loop pass them through, so the output head, the
+  guidance and the scheduler step run on identical full latents on every rank;
+* after the warm-up, steps overlap: the last stage finishes each patch itself (the model's own
+  head, guidance, and a step of that patch's scheduler, ``schedulers/patch_scheduler.py``) and
+  sends its new latents to stage 0, which re-embeds them and starts the next step on that
+  patch while later stages finish this one; the pipeline's ``scheduler.step`` is held for the
+  generation and the final latents are broadcast once. Schedulers that are not patch-aware,
+  and ``--pipefusion_sync_steps``, drain the pipeline every step instead (same result).
 
 Caching: every patch keeps its own cache state (references are per token row). A decision that
 block 0 makes for the whole stack (Fb's hit, TeaCache's skip, FastCache's τ and motion tokens)
@@ -31,6 +36,7 @@ residual, which telescopes to the single-process stack residual.
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -39,6 +45,7 @@ from xfuser.config.config import ConfigError
 from xfuser.logger import init_logger, warn_once
 from xfuser.model_executor.cache.adapters.base import BlockAdapter, BlockCall, Streams
 from xfuser.model_executor.layers.pipefusion_attention import PatchKVContext
+from xfuser.model_executor.schedulers.patch_scheduler import StepOverride, not_patch_aware_reason, patch_scheduler
 
 logger = init_logger(__name__)
 
@@ -125,10 +132,6 @@ class PatchPipeline:
         """Decide whether this generation overlaps denoising steps and return the context that
         holds the pipeline's scheduler step while it does (the last stage steps each patch
         itself; see ``schedulers/patch_scheduler.py``)."""
-        from contextlib import nullcontext
-
-        from xfuser.model_executor.schedulers.patch_scheduler import StepOverride, not_patch_aware_reason
-
         reason = None if self.step_overlap else "--pipefusion_sync_steps"
         reason = reason or not_patch_aware_reason(scheduler, step_kwargs)
         if reason is None and self.adapter.image_embedder is None:
@@ -171,8 +174,6 @@ class PatchPipeline:
     def _start_overlap(self, model_input: torch.Tensor, n_image: int, embedded: torch.Tensor) -> None:
         """First overlapped step: the true latents are the model input (the warm-up steps were
         synchronous); the last stage derives one scheduler per patch from the pipeline's."""
-        from xfuser.model_executor.schedulers.patch_scheduler import patch_scheduler
-
         batch = model_input.shape[0] // self._copies()
         self._latents = model_input[:batch].clone()
         if self.is_first:
@@ -225,7 +226,7 @@ class PatchPipeline:
         t = self.scheduler.timesteps[self.manager.step]
         new = self._schedulers[p].step(prediction, t, latents, **self.step_kwargs, return_dict=False)[0]
         latents.copy_(new)
-        return latents.contiguous().clone()
+        return latents.clone(memory_format=torch.contiguous_format)  # one copy: it outlives its send
 
     @staticmethod
     def _bounds(n_image: int, patches: int) -> list[tuple[int, int]]:
