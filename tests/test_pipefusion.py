@@ -278,21 +278,9 @@ def test_stale_kv_attention_is_exact_once_every_patch_is_fresh():
     torch.testing.assert_close(first[1], full)
 
 
-OVERLAP = {
-    2: [
-        ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)),
-        ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=4)),
-        ("pixart-alpha", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)),
-        ("flux", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)),
-        ("hunyuandit:ddim", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)),  # long skips + overlap
-    ],
-    3: [("pixart-sigma", dict(pipefusion_parallel_degree=3, num_pipeline_patch=4))],
-    4: [
-        ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2, ulysses_degree=2)),
-        ("pixart-sigma", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2, use_cfg_parallel=True)),
-        ("flux", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2, ulysses_degree=2)),
-    ],
-}
+# the patched configs again, with HunyuanDiT on DDIM (its DDPM drains per step) and PixArt-α
+OVERLAP = {w: [(m.replace("hunyuandit", "hunyuandit:ddim"), p) for m, p in runs] for w, runs in PATCHED.items()}
+OVERLAP[2].append(("pixart-alpha", dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)))
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

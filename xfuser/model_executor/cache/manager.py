@@ -109,7 +109,8 @@ class CacheManager:
 
     # ------------------------------------------------------------------ step bookkeeping
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.forward_call = (args, kwargs)  # PipeFusion's last stage re-runs the head per patch
+        if self.patch_pipeline is not None:  # its last stage re-runs the head per patch
+            self.forward_call = (args, kwargs)
         if not self.auto_step:
             return
         timestep = kwargs.get(self.adapter.timestep_arg)

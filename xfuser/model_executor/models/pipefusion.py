@@ -283,13 +283,12 @@ class PatchPipeline:
         patches = 1 if warm else self.num_patches
         if n_image % patches:
             raise ConfigError(f"{n_image} image tokens cannot be split into --num_pipeline_patch {patches} patches")
-        if overlap and self._latents is None:
+        receive = False  # stage 0: take each patch's latents from the last stage, not the model input
+        if overlap and self._latents is None:  # first overlapped step: the model input is still true
             args, kwargs = m.forward_call
             self._start_overlap(args[0] if args else kwargs["hidden_states"], n_image, full[0])
-            fresh_input = True  # this step's model input holds the true latents
-        else:
-            fresh_input = not overlap
-        if overlap and self.is_first and not fresh_input:
+        elif overlap and self.is_first:
+            receive = True
             self._post_latent_recvs(n_image)
         arguments = dict(call0.bound.arguments)
         sends: list = []  # (work, tensor): a tensor must outlive its send
@@ -298,7 +297,7 @@ class PatchPipeline:
             m.use_slot("full" if warm else p)
             self.context.set_patch(start, end, n_image)
             local = [self._local(n, t, start, end) for n, t in zip(names, full)]
-            if not fresh_input and self.is_first:  # this patch's latents, stepped by the last stage
+            if receive:  # this patch's latents, stepped by the last stage
                 work, buffer = self._latent_recvs[p]
                 pp.wait(work, "PipeFusion recv of patch latents")
                 latent_rows(self._latents, start, end, n_image).copy_(buffer)
