@@ -11,10 +11,11 @@ reductions). Rank 0 writes ``--output_dir/results_parallel.json`` with every ran
 the relative L2 distance of each method's latents from this run's uncached latents and the
 PSNR/SSIM of its decoded image vs the uncached image (decoding is not timed).
 
-``--single_process_reference``: every rank first runs the plain pipeline (one process, no
-cache) on the same inputs, and each method is also compared with that image: the error of the
-parallel scheme itself (PipeFusion's stale K/V is approximate by design), with the cache's on
-top. Bytes are also reported per process group (``pp`` = PipeFusion P2P + final broadcast).
+``--single_process_reference``: every rank first runs the plain pipeline in one process on
+the same inputs, uncached and with each method, and each parallel method is compared with the
+uncached image (the parallel scheme's error with the cache's on top) and with the
+single-process image of the *same* method (the parallel scheme's own error with that cache on:
+PipeFusion's stale K/V is approximate by design, and this shows whether caching enlarges it). Bytes are also reported per process group (``pp`` = PipeFusion P2P + final broadcast).
 """
 from __future__ import annotations
 
@@ -51,26 +52,35 @@ def reset_bytes() -> None:
     usp.reset_comm_bytes()
 
 
-def single_process_image(engine, inputs) -> tuple[torch.Tensor, object]:
-    """Latents and decoded image of the plain pipeline (own copy, one process, no cache)."""
+def single_process_images(engine, inputs, methods: list[str]) -> dict[str, tuple[torch.Tensor, object]]:
+    """Latents and decoded image of the plain pipeline in one process (own copy), uncached
+    (key ``"plain"``) and with each cache method of ``methods`` under the same cache flags."""
     from diffusers import DiffusionPipeline
 
+    from xfuser import xFuserFastCachePipelineWrapper
     from xfuser.model_executor.pipelines.call_args import prepare_call_kwargs
 
     pipe = DiffusionPipeline.from_pretrained(engine.model_config.model, dtype=engine.model_config.torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     kwargs = prepare_call_kwargs(pipe, inputs.height, inputs.width)
-    kwargs.update(prompt=inputs.prompt[:1], num_inference_steps=inputs.num_inference_steps, output_type="latent",
-                  generator=torch.Generator(device="cpu").manual_seed(inputs.seed))
+    kwargs.update(prompt=inputs.prompt[:1], num_inference_steps=inputs.num_inference_steps, output_type="latent")
     if inputs.guidance_scale is not None:
         kwargs["guidance_scale"] = inputs.guidance_scale
     if inputs.max_sequence_length is not None:
         kwargs["max_sequence_length"] = inputs.max_sequence_length
     if inputs.negative_prompt:
         kwargs["negative_prompt"] = inputs.negative_prompt
-    out = pipe(**kwargs)
-    image = decode_images(pipe, out.images, kwargs.get("height"), kwargs.get("width"))[0]
-    return out.images.float().cpu(), image
+
+    def run(call) -> tuple[torch.Tensor, object]:
+        out = call(**kwargs, generator=torch.Generator(device="cpu").manual_seed(inputs.seed))
+        return out.images.float().cpu(), decode_images(pipe, out.images, kwargs.get("height"), kwargs.get("width"))[0]
+
+    images = {"plain": run(pipe)}
+    wrapper = xFuserFastCachePipelineWrapper(pipe)
+    for method in methods:
+        wrapper.enable_cache(config=dataclasses.replace(engine.cache_config, method=method))
+        images[method] = run(wrapper)
+    return images
 
 
 def main() -> int:
@@ -94,7 +104,7 @@ def main() -> int:
     torch.set_grad_enabled(False)
     single = None
     if ns.single_process_reference:
-        single = single_process_image(engine, inputs)
+        single = single_process_images(engine, inputs, ns.cache_methods)
     runner = xDiTParallel(pipe, engine, inputs)
     results = {}
     reference = None
@@ -128,11 +138,17 @@ def main() -> int:
                 "bytes_per_group": {name: c.bytes_sent for name, c in all_coordinators().items() if c.bytes_sent},
             }
             if single is not None:
-                single_latents, single_image = single
+                single_latents, single_image = single["plain"]
+                same_latents, same_image = single[method]
                 results[method].update(
                     rel_l2_vs_single_process=relative_l2(latents, single_latents),
                     psnr_vs_single_process=psnr(image, single_image),
                     ssim_vs_single_process=ssim(image, single_image),
+                    # the parallel scheme's own error with this cache on (None: = the above)
+                    rel_l2_vs_single_process_same_cache=relative_l2(latents, same_latents),
+                    psnr_vs_single_process_same_cache=psnr(image, same_image),
+                    # what the cache costs in one process, for comparison
+                    psnr_single_process_cache_vs_plain=psnr(same_image, single_image),
                 )
         everyone = get_world_group().all_gather_object(results)
         if get_world_group().is_first_rank:

@@ -236,7 +236,7 @@ def test_parallel_benchmark_under_torchrun(tmp_path):
     proc = run_torchrun(
         ["benchmark/cache_execution_xfuser.py", "--model", str(model), "--ulysses_degree", "2", "--cache_methods", "None",
          "Fb", "--cache_ratio_threshold", "0", "--num_inference_steps", "3", "--height", "32", "--width", "32",
-         "--max_sequence_length", "16", "--repeats", "1", "--output_dir", str(out)],
+         "--max_sequence_length", "16", "--repeats", "1", "--output_dir", str(out), "--single_process_reference"],
         nproc_per_node=2, timeout_s=240, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -247,3 +247,6 @@ def test_parallel_benchmark_under_torchrun(tmp_path):
         # threshold 0: Fb computes everything, so its image is the uncached one
         assert fb["psnr_vs_uncached"] == math.inf and fb["rel_l2_vs_uncached"] == 0.0
         assert rank["None"]["bytes_sent_per_image"] > 0  # the Ulysses all-to-alls were counted
+        # Ulysses is exact: each method matches its own single-process run
+        for method in ("None", "Fb"):
+            assert rank[method]["rel_l2_vs_single_process_same_cache"] < 1e-5, rank[method]
