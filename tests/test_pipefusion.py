@@ -301,3 +301,47 @@ def test_step_overlap_equals_per_step_pipeline_for_every_method(world):
                 assert overlapped[name]["log"] == per_step[name]["log"], f"{runs[i][:2]} {name}: decisions differ"
         # the comparison is vacuous unless the first run really overlapped steps
         assert all(r[i]["None"]["overlap"] and not r[i + 1]["None"]["overlap"] for r in run.results), runs[i][:2]
+
+
+@pytest.mark.parametrize("model_type,index", [("pixart-sigma", 1), ("hunyuandit", 3)])  # HunyuanDiT 3 reads a long skip
+def test_kv_refresh_writes_the_rows_a_computed_block_writes(model_type, index):
+    """A block FastCache skips for a patch under PipeFusion refreshes its K/V rows from its
+    true input: the buffer must then hold exactly what computing the block would have written
+    (and the other patch's rows stay untouched)."""
+    from xfuser.model_executor.cache.adapters.base import adapter_for
+    from xfuser.model_executor.layers.pipefusion_attention import PatchKVContext
+    from xfuser.testing.tiny_pipelines import build_tiny_pipeline
+
+    transformer = build_tiny_pipeline(model_type).transformer
+    adapter = adapter_for(transformer)
+    context = PatchKVContext()
+    adapter.install_pipefusion_processors(transformer, context)
+    block = dict(adapter.iter_blocks(transformer))[index]
+    g = torch.Generator().manual_seed(0)
+    batch, n, dim = 2, 16, block.attn1.to_q.in_features
+    x = torch.randn(batch, n, dim, generator=g)
+    if model_type == "pixart-sigma":
+        kwargs = dict(hidden_states=x, encoder_hidden_states=torch.randn(batch, 5, block.attn2.to_k.in_features, generator=g),
+                      timestep=torch.randn(batch, 6 * dim, generator=g))
+    else:
+        head_dim = dim // block.attn1.heads
+        rope = tuple(torch.randn(n, head_dim, generator=g) for _ in range(2))
+        kwargs = dict(hidden_states=x, encoder_hidden_states=torch.randn(batch, 5, block.attn2.to_k.in_features, generator=g),
+                      temb=torch.randn(batch, dim, generator=g), image_rotary_emb=rope, skip=torch.randn(batch, n, dim, generator=g))
+    with torch.no_grad():
+        context.set_patch(0, n, n)
+        block(**kwargs)  # full-image pass: fills the layer's buffer
+        stale = [t.clone() for t in context.buffers[index]]
+        patch = {k: (v[:, 8:] if k in ("hidden_states", "skip") else v) for k, v in kwargs.items()}
+        if "image_rotary_emb" in patch:
+            patch["image_rotary_emb"] = tuple(r[8:] for r in kwargs["image_rotary_emb"])
+        patch["hidden_states"] = patch["hidden_states"] + 0.5  # this step's input differs
+        context.set_patch(8, n, n)
+        block(**patch)
+        computed = [t.clone() for t in context.buffers[index]]
+        for buf, old in zip(context.buffers[index], stale):
+            buf.copy_(old)
+        context.refresh(lambda: adapter.patch_self_attention(adapter.bind(block, (), patch)))
+    for got, want, old in zip(context.buffers[index], computed, stale):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert not torch.equal(got[:, 8:], old[:, 8:]) and torch.equal(got[:, :8], old[:, :8])

@@ -170,6 +170,13 @@ class CacheManager:
     def compute(self, call: BlockCall) -> Streams:
         return self.adapter.output_streams(call.run())
 
+    def block_skipped(self, call: BlockCall) -> None:
+        """A method skips block ``call`` on its true input (FastCache's per-block skip). Under
+        PipeFusion the block's K/V rows of this patch are refreshed, so the other patches do not
+        read rows that grow one step older with every skip."""
+        if self.patch_pipeline is not None:
+            self.patch_pipeline.refresh_kv(call)
+
     def compute_token_subset(self, call: BlockCall, index: torch.Tensor) -> Streams:
         return self.adapter.run_token_subset(call, index)
 

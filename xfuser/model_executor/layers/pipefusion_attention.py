@@ -30,6 +30,7 @@ class PatchKVContext:
     end: int = 0
     num_tokens: int = 0  # image tokens of the full image
     n_text_local: int = 0  # text rows in front of this rank's local sequence (Flux single blocks)
+    kv_only: bool = False  # set by refresh(): processors write this patch's K/V and return None
     buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def reset(self) -> None:
@@ -66,6 +67,23 @@ class PatchKVContext:
         entry[0][:, self.start:self.end] = key
         entry[1][:, self.start:self.end] = value
         return entry
+
+    def refresh(self, run_attention) -> None:
+        """Write the current patch's keys/values into the buffers without attending:
+        ``run_attention()`` calls a block's self-attention on that block's (modulated) input
+        while the processors are in K/V-only mode. Used for a block the cache skips for this
+        patch, so that other patches do not read rows that grow older with every skip."""
+        self.kv_only = True
+        try:
+            run_attention()
+        finally:
+            self.kv_only = False
+
+    def write_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """K/V-only counterpart of :meth:`attend` for image self-attention (no text rows)."""
+        if self.sp_world > 1:
+            key, value = (self.sp_group.all_to_all(t, scatter_dim=2, gather_dim=1) for t in (key, value))
+        self.update(layer, key, value)
 
     # ------------------------------------------------------------------ the attention core
     def attend(
@@ -122,6 +140,8 @@ class PipeFusionSelfAttnProcessor:
         if attention_mask is not None or attn.group_norm is not None or attn.spatial_norm is not None:
             raise NotImplementedError("PipeFusion self-attention supports no mask / group norm / spatial norm")
         query, key, value = self_attention_qkv(attn, hidden_states, encoder_hidden_states)
+        if self.context.kv_only:
+            return self.context.write_kv(self.layer, key, value)
         out = self.context.attend(self.layer, query, key, value, n_text=0, scale=attn.scale).flatten(2, 3).to(query.dtype)
         return self_attention_out(attn, out, hidden_states)
 
@@ -138,6 +158,8 @@ class PipeFusionHunyuanSelfAttnProcessor:
         if attention_mask is not None or encoder_hidden_states is not None or attn.spatial_norm is not None or attn.group_norm is not None:
             raise NotImplementedError("PipeFusion HunyuanDiT self-attention supports no mask / context / group or spatial norm")
         query, key, value = self_attention_qkv(attn, hidden_states, image_rotary_emb=image_rotary_emb)
+        if self.context.kv_only:
+            return self.context.write_kv(self.layer, key, value)
         out = self.context.attend(self.layer, query, key, value, n_text=0).flatten(2, 3).to(query.dtype)
         return self_attention_out(attn, out, hidden_states)
 
@@ -154,6 +176,8 @@ class PipeFusionFluxAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
         if attention_mask is not None:
             raise NotImplementedError("PipeFusion Flux attention does not support attention masks")
+        if self.context.kv_only:
+            raise NotImplementedError("PipeFusion: K/V refresh is not implemented for Flux attention")
         query, key, value, joint = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         n_text = encoder_hidden_states.shape[1] if joint else self.context.n_text_local
         out = self.context.attend(self.layer, query, key, value, n_text=n_text).flatten(2, 3).to(query.dtype)

@@ -228,6 +228,14 @@ class PatchPipeline:
         latents.copy_(new)
         return latents.clone(memory_format=torch.contiguous_format)  # one copy: it outlives its send
 
+    def refresh_kv(self, call: BlockCall) -> None:
+        """Write this patch's K/V rows of a block the cache skips (K/V projections only: no
+        attention, no MLP). Families without it keep the stale rows, with a warning."""
+        if not self.adapter.supports_kv_refresh:
+            warn_once(logger, f"PipeFusion: {self.adapter.family} blocks skipped by the cache keep stale K/V rows (no K/V refresh)")
+            return
+        self.context.refresh(lambda: self.adapter.patch_self_attention(call))
+
     @staticmethod
     def _bounds(n_image: int, patches: int) -> list[tuple[int, int]]:
         return [(p * n_image // patches, (p + 1) * n_image // patches) for p in range(patches)]

@@ -177,6 +177,15 @@ class BlockAdapter:
         """Route every self-attention through the stale-K/V processors of ``context``."""
         raise NotImplementedError(f"{self.family}: PipeFusion not implemented")
 
+    #: whether :meth:`patch_self_attention` is implemented (PipeFusion then refreshes the
+    #: stale K/V rows of a block FastCache skips for a patch)
+    supports_kv_refresh: ClassVar[bool] = False
+
+    def patch_self_attention(self, call: BlockCall) -> None:
+        """Call the block's image self-attention on the input it would see in ``call`` (the
+        PipeFusion processors are then in K/V-only mode: nothing is attended or returned)."""
+        raise NotImplementedError(f"{self.family}: K/V refresh not implemented")
+
     def long_skips(self, num_blocks: int) -> dict[int, int]:
         """Consumer block -> producer block of long skip connections the model's own loop wires
         between blocks (passed as the ``skip`` argument); PipeFusion carries them across stages."""

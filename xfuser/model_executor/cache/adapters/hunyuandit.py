@@ -30,6 +30,14 @@ class HunyuanDiTAdapter(BlockAdapter):
     supports_pipefusion = True
     image_embedder = "pos_embed"
 
+    supports_kv_refresh = True
+
+    def patch_self_attention(self, call: BlockCall) -> None:
+        block, x = call.block, call.arg("hidden_states")
+        if block.skip_linear is not None:  # second-half blocks fuse the long skip first
+            x = block.skip_linear(block.skip_norm(torch.cat([x, call.arg("skip")], dim=-1)))
+        block.attn1(block.norm1(x, call.arg("temb")), image_rotary_emb=call.arg("image_rotary_emb"))
+
     def prediction_from_output(self, output: torch.Tensor, transformer) -> torch.Tensor:
         return output.chunk(2, dim=1)[0]  # the pipeline always drops the learned-sigma half
 

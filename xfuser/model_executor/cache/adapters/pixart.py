@@ -34,6 +34,11 @@ class PixArtAdapter(BlockAdapter):
         for index, block in self.iter_blocks(transformer):
             block.attn1.set_processor(PipeFusionSelfAttnProcessor(context, index))
 
+    supports_kv_refresh = True
+
+    def patch_self_attention(self, call: BlockCall) -> None:
+        call.block.attn1(self.modulated_input(call))
+
     def prediction_from_output(self, output: torch.Tensor, transformer) -> torch.Tensor:
         if transformer.config.out_channels // 2 == transformer.config.in_channels:  # learned sigma
             return output.chunk(2, dim=1)[0]

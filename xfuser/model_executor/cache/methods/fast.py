@@ -188,6 +188,7 @@ class FastCache(CacheMethod):
         delta = (diff2 / max(ref2, 1e-24)) ** 0.5
         bound = self.tau * chi2_bound_factor(cfg.significance_level, max(int(n_total), 1))
         if delta <= bound:
+            m.block_skipped(call)
             st.consecutive += 1
             use_fit = self._use_fit(st)
             return self._approximate(st, x, use_fit), ("A" if use_fit else "R"), 0.0
