@@ -8,9 +8,9 @@ uncached run, on the same pipeline, prompts and seeds.
 For every (prompt, seed) the uncached output is the reference. Latency: per case the fastest
 of ``--repeats`` timed runs (interference on a shared machine only adds time), then the
 median over cases, after one untimed warm-up run, all in this process; each
-configuration's speed-up is against an uncached latency timed right before it (same cases,
-same repeats), so a drift in the machine's load between configurations does not enter the
-ratio. Quality: PSNR and SSIM of the decoded
+configuration's speed-up is against uncached runs interleaved with its own (every timed
+cached run follows an uncached run of the same case), so a drift in the machine's load
+cannot enter the ratio. Quality: PSNR and SSIM of the decoded
 image vs the reference image, relative L2 of the final latents, LPIPS when its weights are
 available locally (otherwise a "skipped" line). Peers (``--peers``, on by default):
 diffusers' built-in cache hooks and cache-dit's DBCache when installed (benchmark/peers.py).
@@ -45,19 +45,30 @@ from xfuser.model_executor.pipelines.model_types import all_model_types, call_de
 
 logger = init_logger("benchmark.cache_execute")
 
-DEFAULT_THRESHOLDS = {"Fast": [0.05, 0.1, 0.2], "Fb": [0.05, 0.1, 0.2], "Tea": [0.1, 0.3, 0.6]}
+DEFAULT_THRESHOLDS = {"Fast": [0.05, 0.1, 0.15], "Fb": [0.05, 0.1, 0.2], "Tea": [0.1, 0.3, 0.6]}
 SWEEP_THRESHOLDS = {
-    "Fast": [0.02, 0.05, 0.1, 0.2, 0.5],
+    # FastCache with a learned forecast compares its expected error with the threshold (a
+    # relative output error per block); without a calibration file the same values still span
+    # its range (docs/methods/fastcache.md)
+    "Fast": [0.05, 0.1, 0.15, 0.3, 1.0],
     "Fb": [0.05, 0.1, 0.2, 0.5],
     "Tea": [0.05, 0.1, 0.2, 0.5, 1.0],
 }
-# max_cached_steps swept for every method alike: -1 (no cap), at most 1, 2 or 3 skipped steps in a row
-SWEEP_CAPS = [-1, 1, 2, 3]
+# max_cached_steps swept for every method alike: -1 (no cap), at most 1, 2, 3, 5 or 7 skipped steps in a row
+SWEEP_CAPS = [-1, 1, 2, 3, 5, 7]
 PEER_THRESHOLDS = [0.02, 0.05, 0.1, 0.2]
 DEFAULT_PROMPTS = [
     "a red circle on a blue background, top left",
     "a yellow triangle on a black background, center",
     "a white square on a green background, bottom right",
+]
+#: ``--heldout``: captions of the embedded model's held-out split (never trained on, and disjoint
+#: from every calibration prompt: TeaCache's and FastCache's), for quality claims
+HELDOUT_PROMPTS = [
+    "a black circle on a green background, top left",
+    "a green triangle on a blue background, bottom left",
+    "a green triangle on a yellow background, center",
+    "a yellow circle on a black background, top right",
 ]
 
 
@@ -99,25 +110,36 @@ class Bench:
     def decode(self, latents: torch.Tensor):
         return decode_images(self.pipe, latents, self.kwargs.get("height"), self.kwargs.get("width"))[0]
 
-    def baseline_latency(self) -> float:
-        """Uncached median latency, timed right before a configuration: a ratio against a
-        baseline taken minutes earlier would absorb any drift of the machine's load."""
-        self.run_once(*self.cases[0])  # warm-up, untimed
-        times = [min(self.run_once(p, s)[2] for _ in range(self.args.repeats)) for p, s in self.cases]
-        return statistics.median(times)
-
-    def measure(self, name: str, before: Callable[[], None] | None = None, references=None) -> dict[str, Any]:
-        """Median latency over cases x repeats; quality vs ``references``; images saved as ``name``."""
+    def measure(
+        self, name: str, before: Callable[[], None] | None = None, references=None,
+        toggle: tuple[Callable[[], None], Callable[[], None]] | None = None,
+    ) -> dict[str, Any]:
+        """Median latency over cases x repeats; quality vs ``references``; images saved as ``name``.
+        With ``toggle`` = (enable, disable) of the cache under test, every timed cached run is
+        paired with an uncached run right before it (``baseline_latency_s``): the two see the
+        same machine load, so a drift between configurations cannot enter their ratio."""
+        if toggle is not None:
+            toggle[1]()
+            self.run_once(*self.cases[0])  # uncached warm-up, untimed
+            toggle[0]()
         self.run_once(*self.cases[0], before)  # warm-up, untimed
-        times, outputs = [], []
+        times, base_times, outputs = [], [], []
         for prompt, seed in self.cases:
-            per_case = []
+            per_case, per_base = [], []
             for _ in range(self.args.repeats):
+                if toggle is not None:
+                    toggle[1]()
+                    per_base.append(self.run_once(prompt, seed)[2])
+                    toggle[0]()
                 image, latents, seconds = self.run_once(prompt, seed, before)
                 per_case.append(seconds)
             times.append(min(per_case))  # interference only ever adds time: the fastest repeat is the cleanest
+            if per_base:
+                base_times.append(min(per_base))
             outputs.append((image, latents, self.wrapper.get_cache_statistics()))
         result: dict[str, Any] = {"latency_s": statistics.median(times), "latency_per_case_s": times, "images": []}
+        if base_times:
+            result["baseline_latency_s"] = statistics.median(base_times)
         for i, (image, _, _) in enumerate(outputs):
             path = f"{name}_case{i}.png"
             image.save(self.out_dir / path)
@@ -167,13 +189,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--guidance_scale", type=float, default=None)
     parser.add_argument("--max_sequence_length", type=int, default=None)
-    parser.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS)
+    parser.add_argument("--prompts", nargs="+", default=None, help="evaluation prompts (default: DEFAULT_PROMPTS)")
+    parser.add_argument("--heldout", action="store_true", help="evaluate on HELDOUT_PROMPTS (the embedded model's held-out split)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--motion_threshold", type=float, default=0.1)
     parser.add_argument("--max_cached_steps", type=int, default=-1,
                         help="CacheConfig.max_cached_steps for our methods (--sweep sweeps -1, 1, 2, 3)")
-    parser.add_argument("--approximation", default="extrapolate", choices=["extrapolate", "reuse", "fitted", "auto"],
+    parser.add_argument("--approximation", default="learned", choices=["learned", "extrapolate", "reuse", "fitted", "auto"],
                         help="FastCache's stand-in for a skipped block (CacheConfig.approximation)")
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                         help="also run diffusers' cache hooks and cache-dit (when installed)")
@@ -185,6 +208,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.heldout and args.prompts:
+        parser.error("--heldout and --prompts both choose the prompts; give one")
+    args.prompts = HELDOUT_PROMPTS if args.heldout else (args.prompts or DEFAULT_PROMPTS)
     return args
 
 
@@ -233,38 +259,44 @@ def main(argv: list[str] | None = None) -> int:
         if method == "None":
             # bookkeeping overhead: the manager installed, decisions made, every block computed
             for m in ("Fast", "Fb", "Tea"):
-                baseline_s = bench.baseline_latency()
-                bench.wrapper.enable_cache(m, cache_ratio_threshold=0.0, motion_threshold=0.0)
-                forced, _ = bench.measure(f"overhead_{m}")
+                toggle = (lambda m=m: bench.wrapper.enable_cache(m, cache_ratio_threshold=0.0, motion_threshold=0.0),
+                          bench.wrapper.disable_cache)
+                toggle[0]()
+                forced, _ = bench.measure(f"overhead_{m}", toggle=toggle)
                 bench.wrapper.disable_cache()
-                report["overhead"][m] = forced["latency_s"] / baseline_s - 1
+                report["overhead"][m] = forced["latency_s"] / forced["baseline_latency_s"] - 1
             continue
         for threshold, cap in sweep_points(method, args):
-            baseline_s = bench.baseline_latency()
-            bench.wrapper.enable_cache(config=CacheConfig(
+            config = CacheConfig(
                 method=method, cache_ratio_threshold=threshold, motion_threshold=args.motion_threshold,
                 max_cached_steps=cap, **({"approximation": args.approximation} if method == "Fast" else {}),
-            ))
+            )
+            toggle = (lambda c=config: bench.wrapper.enable_cache(config=c), bench.wrapper.disable_cache)
+            toggle[0]()
             suffix = f"_cap{cap}" if cap >= 0 else ""
-            result, _ = bench.measure(f"{method}_{threshold:g}{suffix}", references=references)
+            result, _ = bench.measure(f"{method}_{threshold:g}{suffix}", references=references, toggle=toggle)
             bench.wrapper.disable_cache()
-            record(result, method, threshold, "xfuser", baseline_s, cap)
+            record(result, method, threshold, "xfuser", result["baseline_latency_s"], cap)
 
     if args.peers:
         from peers import available_peers
 
-        peers, skipped = available_peers(bench.pipe, args.peer_thresholds)
+        peers, skipped = available_peers(
+            bench.pipe, args.peer_thresholds, calibrate=lambda prompt: bench.run_once(prompt, 0),
+            num_inference_steps=args.num_inference_steps,
+        )
         report["skipped"] += skipped
         for entry in skipped:
             logger.info("peer %s skipped: %s", entry["name"], entry["reason"])
         for peer in peers:
-            baseline_s = bench.baseline_latency()
+            toggle = (lambda p=peer: p.enable(bench.pipe), lambda p=peer: p.disable(bench.pipe))
             peer.enable(bench.pipe)
             try:
-                result, _ = bench.measure(f"{peer.method}_{peer.threshold:g}", before=lambda p=peer: p.reset(bench.pipe), references=references)
+                result, _ = bench.measure(f"{peer.method}_{peer.threshold:g}", before=lambda p=peer: p.reset(bench.pipe),
+                                          references=references, toggle=toggle)
             finally:
                 peer.disable(bench.pipe)
-            record(result, peer.method, peer.threshold, "peer", baseline_s)
+            record(result, peer.method, peer.threshold, "peer", result["baseline_latency_s"])
 
     path = out_dir / "results.json"
     path.write_text(json.dumps(report, indent=2, default=str))

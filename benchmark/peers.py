@@ -4,22 +4,50 @@ Each peer is set up through its own library's public entry point and torn down a
 runs, so the uncached reference and our methods never see its hooks:
 
 * diffusers' built-in hooks (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``,
-  ``PyramidAttentionBroadcastConfig``). They are meant for models with ``CacheMixin`` and
+  ``PyramidAttentionBroadcastConfig``, ``MagCacheConfig``). They are meant for models with ``CacheMixin`` and
   pipelines that open a ``cache_context`` around every denoiser call; PixArt has neither, so
   :class:`DiffusersHookPeer` mixes ``CacheMixin`` into the transformer's class for the peer's
   runs (diffusers' own enable/disable code then runs unchanged) and opens the context from a
   forward pre-hook (one context for the batched uncond+cond call: one call per step).
-* cache-dit's DBCache (``cache_dit.enable_cache`` with ``DBCacheConfig``), optional: when
-  the package is missing the peer is reported as skipped with the install command.
+* diffusers' MagCache needs the model's per-step "mag_ratios": :class:`MagCacheCalibration`
+  gets them once per pipeline from one generation with ``MagCacheConfig(calibrate=True)``
+  (nothing skipped; diffusers prints the ratios at the last step, which is read back) on
+  :data:`MAGCACHE_CALIBRATION_PROMPT`, then every MagCache peer runs with them. That run
+  goes through the benchmark's own call (``available_peers(..., calibrate=,
+  num_inference_steps=)``); without one the MagCache peer is reported as skipped.
+* cache-dit's DBCache (``cache_dit.enable_cache`` with ``DBCacheConfig``), plain and with
+  its TaylorSeer calibrator (``calibrator_config=TaylorSeerCalibratorConfig``), optional:
+  when the package is missing the peers are reported as skipped with the install command.
 """
 from __future__ import annotations
 
+import ast
+import contextlib
 import importlib.util
+import io
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from xfuser.logger import init_logger
+
+logger = init_logger("benchmark.peers")
+
+# MagCache's calibration prompt: a caption in the embedded model's style that is none of the
+# benchmark's evaluation prompts (cache_execute.DEFAULT_PROMPTS, HELDOUT_PROMPTS) and none of
+# the FastCache calibration prompts; evaluate on prompts that differ from it
+MAGCACHE_CALIBRATION_PROMPT = "a black square on a yellow background, top left"
+# MagCache's other knobs at diffusers' defaults: at most 3 skipped steps in a row (K), no
+# skipping in the first 20% of the steps; its error threshold is the benchmark's peer threshold
+MAGCACHE_MAX_SKIP_STEPS = 3
+MAGCACHE_RETENTION_RATIO = 0.2
+# cache-dit's TaylorSeer calibrator: first order, cache-dit's default and the order that
+# needs the fewest computed steps before it can forecast (short schedules)
+CACHE_DIT_TAYLORSEER_ORDER = 1
+_MAGCACHE_PRINT_MARKER = "[MagCache] Calibration Complete"
 
 
 @dataclass
@@ -119,36 +147,140 @@ def diffusers_peers(thresholds: list[float], block_lists: tuple[str, ...] = ("tr
     return peers
 
 
+class MagCacheCalibration:
+    """diffusers MagCache's ``mag_ratios`` for one pipeline, from one calibration run.
+
+    ``calibrate(prompt)`` runs one generation of ``prompt`` through the benchmark's own call,
+    with ``num_inference_steps`` steps. During it MagCache is enabled with ``calibrate=True``:
+    it skips nothing and, at the last step, prints the ratio of each step's residual norm to
+    the previous one's (the first is 1.0); that printed list is the result, kept for every
+    later :meth:`ratios` call. MagCache counts one transformer call per step (the batched
+    uncond+cond call of PixArt), and the ratios must come from the schedule they are used on:
+    both are checked.
+    """
+
+    def __init__(self, pipe: Any, calibrate: Callable[[str], Any], num_inference_steps: int,
+                 prompt: str = MAGCACHE_CALIBRATION_PROMPT) -> None:
+        if num_inference_steps < 2:
+            raise ValueError("MagCache calibration needs at least 2 inference steps")
+        self.pipe = pipe
+        self.calibrate = calibrate
+        self.num_inference_steps = num_inference_steps
+        self.prompt = prompt
+        self._ratios: list[float] | None = None
+
+    def ratios(self, pipe: Any) -> list[float]:
+        if pipe is not self.pipe:
+            raise ValueError("these MagCache peers were calibrated for another pipeline")
+        if self._ratios is None:
+            self._ratios = self._run(pipe)
+            logger.info("MagCache ratios (%d steps, prompt %r): %s", self.num_inference_steps, self.prompt,
+                        [round(r, 5) for r in self._ratios])
+        return list(self._ratios)
+
+    def _run(self, pipe: Any) -> list[float]:
+        from diffusers import MagCacheConfig
+
+        steps = self.num_inference_steps
+        hook = DiffusersHookPeer(lambda _: MagCacheConfig(calibrate=True, num_inference_steps=steps))
+        calls: list[int] = []
+        printed = io.StringIO()
+        hook.enable(pipe)
+        counter = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+        try:
+            hook.reset(pipe)
+            with contextlib.redirect_stdout(printed):
+                self.calibrate(self.prompt)
+        finally:
+            counter.remove()
+            hook.disable(pipe)
+        ratios, rest = _read_magcache_print(printed.getvalue())
+        sys.stdout.write(rest)  # anything else the run printed
+        if len(calls) != steps:
+            raise RuntimeError(f"MagCache calibration: the transformer ran {len(calls)} times in {steps} steps; "
+                               "MagCache counts one call per step")
+        if ratios is None or len(ratios) != steps:
+            raise RuntimeError(f"MagCache calibration printed no {steps}-step ratios: {printed.getvalue()[-500:]!r}")
+        return ratios
+
+
+def _read_magcache_print(text: str) -> tuple[list[float] | None, str]:
+    """The ratio list MagCache prints on the line after its marker, and what else was printed."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines[:-1]):
+        if _MAGCACHE_PRINT_MARKER in line:
+            try:
+                ratios = [float(r) for r in ast.literal_eval(lines[i + 1].strip())]
+            except (ValueError, SyntaxError, TypeError):
+                return None, text
+            rest = "".join(lines[:i] + lines[i + 2:])
+            return ratios, rest if rest.strip() else ""
+    return None, text
+
+
+def magcache_peers(thresholds: list[float], calibration: MagCacheCalibration) -> list[Peer]:
+    """MagCache at each threshold (its accumulated-error bound), with the calibrated ratios."""
+    from diffusers import MagCacheConfig
+
+    def make(threshold: float) -> Peer:
+        hook = DiffusersHookPeer(
+            lambda _, th=threshold: MagCacheConfig(
+                threshold=th, max_skip_steps=MAGCACHE_MAX_SKIP_STEPS, retention_ratio=MAGCACHE_RETENTION_RATIO,
+                num_inference_steps=calibration.num_inference_steps, mag_ratios=calibration.ratios(calibration.pipe),
+            )
+        )
+
+        def enable(pipe: Any) -> None:
+            calibration.ratios(pipe)  # the calibration run (first peer only), before any hook is on
+            hook.enable(pipe)
+
+        return Peer("diffusers-MagCache", threshold, enable, hook.disable, hook.reset)
+
+    return [make(t) for t in thresholds]
+
+
 def cache_dit_available() -> bool:
     return importlib.util.find_spec("cache_dit") is not None
 
 
 def cache_dit_peers(thresholds: list[float], num_blocks: int) -> list[Peer]:
     """DBCache with Fn=1 compute block in front and Bn=0 behind (F1B0), which suits small
-    models: larger Fn/Bn leave nothing to skip on an 8-block transformer."""
+    models: larger Fn/Bn leave nothing to skip on an 8-block transformer; plain (the cached
+    residual reused as is) and with cache-dit's TaylorSeer calibrator (the residual forecast
+    from the computed steps' by a first-order Taylor expansion)."""
     import cache_dit
 
-    def make(threshold: float) -> Peer:
+    def make(method: str, threshold: float, calibrator: Callable[[], Any] | None) -> Peer:
         def enable(pipe: Any) -> None:
             cache_dit.enable_cache(
                 pipe,
                 cache_config=cache_dit.DBCacheConfig(
                     Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold, max_warmup_steps=2,
                 ),
+                **({"calibrator_config": calibrator()} if calibrator is not None else {}),
             )
 
         def disable(pipe: Any) -> None:
             cache_dit.disable_cache(pipe)
 
-        return Peer("cache-dit-DBCache", threshold, enable, disable)
+        return Peer(method, threshold, enable, disable)
 
     if num_blocks < 2:
         raise ValueError("DBCache F1B0 needs at least 2 transformer blocks")
-    return [make(t) for t in thresholds]
+    taylorseer = lambda: cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=CACHE_DIT_TAYLORSEER_ORDER)  # noqa: E731
+    return [make("cache-dit-DBCache", t, None) for t in thresholds] + \
+        [make("cache-dit-DBCache-TaylorSeer", t, taylorseer) for t in thresholds]
 
 
-def available_peers(pipe: Any, thresholds: list[float]) -> tuple[list[Peer], list[dict[str, str]]]:
-    """Peers runnable here, and a {name, reason} entry for each one that is not."""
+def available_peers(
+    pipe: Any, thresholds: list[float], calibrate: Callable[[str], Any] | None = None,
+    num_inference_steps: int | None = None,
+) -> tuple[list[Peer], list[dict[str, str]]]:
+    """Peers runnable here, and a {name, reason} entry for each one that is not.
+
+    ``calibrate(prompt)`` runs one uncached generation of ``prompt`` the way the benchmark
+    runs its cases, with ``num_inference_steps`` steps; MagCache needs it for its ratios (run
+    once, on the first MagCache peer's ``enable``) and is skipped without it."""
     from xfuser.model_executor.cache.adapters import adapter_for
 
     peers, skipped = [], []
@@ -156,9 +288,18 @@ def available_peers(pipe: Any, thresholds: list[float]) -> tuple[list[Peer], lis
         peers += diffusers_peers(thresholds, adapter_for(pipe.transformer).block_lists)
     except ImportError as exc:
         skipped.append({"name": "diffusers cache hooks", "reason": f"not available in this diffusers: {exc}"})
+    if calibrate is None or num_inference_steps is None:
+        skipped.append({"name": "diffusers-MagCache",
+                        "reason": "needs a calibration run: available_peers(..., calibrate=, num_inference_steps=)"})
+    else:
+        try:
+            peers += magcache_peers(thresholds, MagCacheCalibration(pipe, calibrate, num_inference_steps))
+        except ImportError as exc:
+            skipped.append({"name": "diffusers-MagCache", "reason": f"not available in this diffusers: {exc}"})
     if cache_dit_available():
         num_blocks = len(getattr(pipe.transformer, "transformer_blocks", []))
         peers += cache_dit_peers(thresholds, num_blocks)
     else:
-        skipped.append({"name": "cache-dit DBCache", "reason": "not installed (pip install cache-dit==1.5.3)"})
+        for name in ("cache-dit-DBCache", "cache-dit-DBCache-TaylorSeer"):
+            skipped.append({"name": name, "reason": "not installed (pip install cache-dit==1.5.3)"})
     return peers, skipped

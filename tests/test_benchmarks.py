@@ -62,11 +62,13 @@ def test_lpips_scores_or_says_why_it_is_skipped():
 
 
 # ------------------------------------------------------------------------------ peers
-def _tiny_run(pipe):
+def _tiny_run(pipe, prompt=None):
     from xfuser.testing.tiny_pipelines import tiny_call_kwargs
 
     kwargs = tiny_call_kwargs("pixart-sigma")
     kwargs["num_inference_steps"] = 6
+    if prompt is not None:
+        kwargs["prompt"] = prompt
     return pipe(**kwargs).images
 
 
@@ -85,10 +87,19 @@ def test_every_peer_changes_the_output_and_leaves_the_pipeline_as_it_was(tiny_pi
     pipe = tiny_pixart
     reference = _tiny_run(pipe)
     cls = type(pipe.transformer)
-    peers, skipped = peers_module.available_peers(pipe, [5.0])  # huge threshold: every peer caches
+    calibration_prompts = []
+
+    def calibrate(prompt):  # MagCache's calibration run, the way the benchmark runs a case
+        calibration_prompts.append(prompt)
+        _tiny_run(pipe, prompt)
+
+    # huge threshold: every peer caches
+    peers, skipped = peers_module.available_peers(pipe, [5.0], calibrate=calibrate, num_inference_steps=6)
     names = {p.method for p in peers} | {s["name"] for s in skipped}
-    assert {"diffusers-FBCache", "diffusers-TaylorSeer", "diffusers-PAB"} <= names
-    assert any("cache-dit" in n for n in names)
+    assert {"diffusers-FBCache", "diffusers-TaylorSeer", "diffusers-PAB", "diffusers-MagCache"} <= names
+    assert {"cache-dit-DBCache", "cache-dit-DBCache-TaylorSeer"} <= names
+    assert all(s["reason"] for s in skipped)
+    assert "diffusers-MagCache" in {p.method for p in peers}, skipped  # diffusers 0.42 has MagCacheConfig
     for peer in peers:
         peer.enable(pipe)
         try:
@@ -102,6 +113,32 @@ def test_every_peer_changes_the_output_and_leaves_the_pipeline_as_it_was(tiny_pi
         assert torch.equal(first, again), f"{peer.label}: state leaked between generations"
         assert type(pipe.transformer) is cls
         assert torch.equal(_tiny_run(pipe), reference), f"{peer.label} left hooks behind"
+    # MagCache calibrated once for all its peers, on its own prompt (not the evaluated one)
+    from xfuser.testing.tiny_pipelines import tiny_call_kwargs
+
+    assert calibration_prompts == [peers_module.MAGCACHE_CALIBRATION_PROMPT]
+    bench = _load("benchmark/cache_execute.py", "cache_execute_prompts")
+    evaluated = [tiny_call_kwargs("pixart-sigma")["prompt"], *bench.DEFAULT_PROMPTS, *getattr(bench, "HELDOUT_PROMPTS", [])]
+    assert calibration_prompts[0] not in evaluated
+
+
+def test_magcache_calibration_reads_the_ratios_and_checks_the_schedule(tiny_pixart):
+    peers_module = _load("benchmark/peers.py", "peers_magcache")
+    pipe = tiny_pixart
+    reference = _tiny_run(pipe)
+    cls = type(pipe.transformer)
+    runs = []
+    calibration = peers_module.MagCacheCalibration(pipe, lambda prompt: runs.append(_tiny_run(pipe, prompt)), 6)
+    ratios = calibration.ratios(pipe)
+    assert len(ratios) == 6 and ratios[0] == 1.0 and all(math.isfinite(r) and r > 0 for r in ratios)
+    assert calibration.ratios(pipe) == ratios and len(runs) == 1  # kept: no second run
+    assert torch.equal(_tiny_run(pipe), reference)  # calibration hooks removed
+    # ratios recorded on another schedule than the one run: refused, nothing left behind
+    wrong = peers_module.MagCacheCalibration(pipe, lambda prompt: _tiny_run(pipe, prompt), 4)
+    with pytest.raises(RuntimeError, match="MagCache"):
+        wrong.ratios(pipe)
+    assert type(pipe.transformer) is cls
+    assert torch.equal(_tiny_run(pipe), reference)
 
 
 # ------------------------------------------------------------------------------ scripts

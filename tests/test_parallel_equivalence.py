@@ -24,6 +24,13 @@ METHODS = {
 STEPS = 6
 
 
+def _methods(calibration: str) -> dict:
+    """METHODS plus FastCache with a learned forecast fitted for this tiny model (token
+    reduction on, so both the forecast and the partial-block path run under the runner)."""
+    learned = dict(cache_method="Fast", cache_ratio_threshold=1.0, motion_threshold=0.5, fastcache_calibration=calibration)
+    return {**METHODS, "FastLearned": learned}
+
+
 def _inputs(model_type: str, dp: int):
     from xfuser.testing.tiny_pipelines import tiny_call_kwargs
 
@@ -51,7 +58,7 @@ def _latents(out) -> torch.Tensor:
     return (out.images if hasattr(out, "images") else out.frames).clone()
 
 
-def _parallel_worker(rank: int, world: int, model_type: str, parallel: dict) -> dict:
+def _parallel_worker(rank: int, world: int, model_type: str, parallel: dict, calibration: str) -> dict:
     from xfuser.parallel import xDiTParallel
     from xfuser.testing.tiny_pipelines import build_tiny_pipeline
 
@@ -60,7 +67,7 @@ def _parallel_worker(rank: int, world: int, model_type: str, parallel: dict) -> 
     prompts, extra = _inputs(model_type, parallel.get("data_parallel_degree", 1))
     runner = None
     results = {}
-    for name, method in METHODS.items():
+    for name, method in _methods(calibration).items():
         engine, inputs = _args(model_type, prompts, extra, parallel, method).create_config(world_size=world)
         if runner is None:
             runner = xDiTParallel(pipe, engine, inputs)
@@ -72,7 +79,7 @@ def _parallel_worker(rank: int, world: int, model_type: str, parallel: dict) -> 
     return results
 
 
-def _single_process(model_type: str, prompts, parallel: dict) -> dict:
+def _single_process(model_type: str, prompts, parallel: dict, calibration: str) -> dict:
     from xfuser import xFuserFastCachePipelineWrapper
     from xfuser.model_executor.pipelines.call_args import prepare_call_kwargs
     from xfuser.testing.tiny_pipelines import build_tiny_pipeline
@@ -82,7 +89,7 @@ def _single_process(model_type: str, prompts, parallel: dict) -> dict:
     _, extra = _inputs(model_type, 1)
     wrapper = xFuserFastCachePipelineWrapper(pipe)
     out = {}
-    for name, method in METHODS.items():
+    for name, method in _methods(calibration).items():
         engine, inputs = _args(model_type, prompts, extra, {}, method).create_config(world_size=1)
         wrapper.enable_cache(config=engine.cache_config)
         kwargs = prepare_call_kwargs(pipe, inputs.height, inputs.width)
@@ -122,16 +129,19 @@ def _id(config) -> str:
 
 
 @pytest.mark.parametrize("model_type,parallel,world", CONFIGS, ids=[_id(c) for c in CONFIGS])
-def test_parallel_output_equals_single_process_for_every_method(model_type, parallel, world):
-    run = run_on_ranks(_parallel_worker, world, model_type, parallel, timeout_s=300)
+def test_parallel_output_equals_single_process_for_every_method(model_type, parallel, world, tmp_path):
+    from xfuser.testing.tiny_pipelines import calibrate_tiny_fastcache
+
+    calibration = str(calibrate_tiny_fastcache(model_type, tmp_path / "fastcache.safetensors", STEPS))
+    run = run_on_ranks(_parallel_worker, world, model_type, parallel, calibration, timeout_s=300)
     references: dict = {}
     for rank, results in enumerate(run.results):
         prompts = results["None"]["prompts"]
         key = tuple(prompts)
         if key not in references:
-            references[key] = _single_process(model_type, prompts, parallel)
+            references[key] = _single_process(model_type, prompts, parallel, calibration)
         ref = references[key]
-        for name in METHODS:
+        for name in _methods(calibration):
             got, want = results[name], ref[name]
             assert got["log"] == run.results[0][name]["log"] or parallel.get("data_parallel_degree", 1) > 1
             assert got["log"] == want["log"], f"rank {rank} {name}: decisions differ from single process"
@@ -139,3 +149,5 @@ def test_parallel_output_equals_single_process_for_every_method(model_type, para
             assert err <= 1e-5, f"rank {rank} {name}: relative error {err:.2e}"
     hits = [a for r in run.results for n in ("Fb", "Tea", "Fast", "FastFitted") for s in r[n]["log"] for a in s[1] if a != "C"]
     assert hits, "no method cached anything: the equivalence check would be vacuous"
+    learned = [a for r in run.results for s in r["FastLearned"]["log"] for a in s[1] if a == "A"]
+    assert learned, "the learned forecast was never used: its equivalence check would be vacuous"

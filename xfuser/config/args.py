@@ -89,7 +89,8 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
     significance_level: float = 0.05
     cache_warmup_steps: int = 1
     max_cached_steps: int = -1
-    approximation: str = "extrapolate"
+    approximation: str = "learned"
+    fastcache_calibration: str | None = None
     tea_coefficients: str | None = None
     debug_cache_agreement: bool = False
 
@@ -129,8 +130,12 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
         _add(c, "significance_level", type=float, default=0.05, help="FastCache χ² test α; smaller skips more (0.05)")
         _add(c, "cache_warmup_steps", type=int, default=1, help="first steps that always compute (1)")
         _add(c, "max_cached_steps", type=int, default=-1, help="max consecutive cached steps, -1 = no cap (-1)")
-        _add(c, "approximation", default="extrapolate", choices=list(APPROXIMATIONS),
-             help="FastCache's stand-in for a skipped block's residual: extrapolate (first-order forecast, default) | reuse | fitted | auto")
+        _add(c, "approximation", default="learned", choices=list(APPROXIMATIONS),
+             help="FastCache's stand-in for a skipped block: learned (calibrated forecast, default; extrapolate "
+                  "when the model has no calibration) | extrapolate (first-order forecast) | reuse | fitted | auto")
+        _add(c, "fastcache_calibration", default=None,
+             help="FastCache calibration file from `python -m xfuser.model_executor.cache.calibrate --method Fast` "
+                  "(default: fastcache.safetensors beside the model)")
         _add(c, "tea_coefficients", default=None, help="JSON file from the calibrate command (TeaCache)")
         _add(c, "debug_cache_agreement", action="store_true", help="verify cache decisions match on all ranks")
         return parser
@@ -180,6 +185,7 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
                 cache_warmup_steps=self.cache_warmup_steps,
                 max_cached_steps=self.max_cached_steps,
                 approximation=self.approximation,
+                calibration=self.fastcache_calibration,
                 tea_coefficients=tea,
                 debug_cache_agreement=self.debug_cache_agreement,
             ),

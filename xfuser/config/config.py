@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 
 CACHE_METHODS = ("None", "Fast", "Fb", "Tea")
-APPROXIMATIONS = ("auto", "fitted", "reuse", "extrapolate")
+APPROXIMATIONS = ("learned", "extrapolate", "reuse", "fitted", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -158,11 +158,15 @@ class CacheConfig:
     FastCache's χ² test, smaller = skips more (0.05). cache_warmup_steps: first steps that always
     compute (1). max_cached_steps: most consecutive skipped steps per block/stack, -1 = no cap
     (-1). betas: FastCache adaptive threshold (β0, β1, β2, β3) (0.01, 0.5, -0.002, 0.00005).
-    approximation: what FastCache puts in place of a skipped block's residual: extrapolate (the
-    default: first-order forecast from the block's last two computed residuals, R_ref +
-    (t − t_ref)/(t_ref − t_prev)·(R_ref − R_prev); on the embedded model it lifts PSNR by
-    ~10 dB at equal compute, see docs/methods/fastcache.md) | reuse (R_ref) | fitted (ridge map of
-    the input change) | auto (reuse or fitted, per block by held-out error). ridge: FastCache ridge strength relative to the mean eigenvalue (0.1).
+    approximation: what FastCache puts in place of a skipped block's residual: learned (the
+    default: the forecast fitted offline by the calibrate command, ``calibration`` or
+    ``fastcache.safetensors`` beside the model; it also sets which blocks may skip; without a
+    file, extrapolate) | extrapolate (first-order forecast from the block's last two computed
+    residuals, R_ref + (t − t_ref)/(t_ref − t_prev)·(R_ref − R_prev)) | reuse (R_ref) | fitted
+    (ridge map of the input change, fitted online) | auto (reuse or fitted, per block by
+    held-out error); see docs/methods/fastcache.md. calibration: path of a FastCache
+    calibration file (None: look beside the model). ridge: FastCache online ridge strength
+    relative to the mean eigenvalue (0.1).
     tea_coefficients: TeaCache rescaling polynomial, highest power first (None: the model's
     published set, else identity with a warning). debug_cache_agreement: verify decisions
     across ranks after every step (off).
@@ -175,7 +179,8 @@ class CacheConfig:
     cache_warmup_steps: int = 1
     max_cached_steps: int = -1
     betas: tuple[float, float, float, float] = (0.01, 0.5, -0.002, 0.00005)
-    approximation: str = "extrapolate"
+    approximation: str = "learned"
+    calibration: str | None = None
     ridge: float = 0.1
     tea_coefficients: list[float] | None = None
     debug_cache_agreement: bool = False
@@ -200,6 +205,15 @@ class CacheConfig:
         if self.approximation not in APPROXIMATIONS:
             raise ConfigError(f"approximation {self.approximation!r} is unknown; choose one of {APPROXIMATIONS}")
         self.ridge = _finite_nonneg(self.ridge, "ridge")
+        if self.calibration is not None:
+            from pathlib import Path
+
+            if not Path(self.calibration).is_file():
+                raise ConfigError(
+                    f"--fastcache_calibration {self.calibration}: no such file; make one with `python -m "
+                    "xfuser.model_executor.cache.calibrate --model MODEL_DIR --method Fast --out FILE`"
+                )
+            self.calibration = str(self.calibration)
         if self.tea_coefficients is not None:
             coeffs = [float(c) for c in self.tea_coefficients]
             if not coeffs or not all(math.isfinite(c) for c in coeffs):

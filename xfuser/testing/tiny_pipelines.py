@@ -277,3 +277,17 @@ def build_random_pixart_sigma(num_layers: int = 12, hidden: int = 384, heads: in
         tokenizer=build_t5_tokenizer(), text_encoder=_t5(seed + 1), vae=_image_vae(seed + 2, 4, size), transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
     )
+
+
+def calibrate_tiny_fastcache(model_type: str, path: str | Path, steps: int, seed: int = 0, max_gap: int = 3) -> Path:
+    """Fit FastCache's learned forecast for ``build_tiny_pipeline(model_type, seed)`` on two
+    prompts at its tiny size and save it to ``path`` (tests pass it as ``calibration``)."""
+    from xfuser.model_executor.cache.forecast_fit import fit_forecast, record_trajectories
+
+    pipe = build_tiny_pipeline(model_type, seed)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = tiny_call_kwargs(model_type)
+    for key in ("prompt", "num_inference_steps", "output_type", "generator"):
+        kwargs.pop(key, None)
+    trajectories = record_trajectories(pipe, ["a red circle", "a blue square on a white background"], steps, seed=seed, **kwargs)
+    return fit_forecast(trajectories, pipe.transformer, max_gap=max_gap).save(path)

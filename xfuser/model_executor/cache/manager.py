@@ -210,10 +210,17 @@ class CacheManager:
             for entry in summary["per_block"]:
                 if entry["block"] in errors:
                     entry["approximation"] = errors[entry["block"]]
+        methods = [method for method, _ in self._slots.values()] or [self.method]
+        per_block = [sum(col) for col in zip(*(method.state_bytes() for method in methods))]
+        summary["cache_state_bytes"] = {"per_block": per_block, "total": sum(per_block)}
+        forecast = getattr(self.method, "active_forecast", None)
+        if forecast is not None:
+            summary["forecast"] = {"source": self.method.forecast_source, "table_bytes": forecast.nbytes(),
+                                   "features": list(forecast.features), "groups": forecast.meta.get("groups")}
         summary["family"] = self.adapter.family
         summary["config"] = {
             k: getattr(self.config, k)
-            for k in ("cache_ratio_threshold", "motion_threshold", "significance_level", "cache_warmup_steps", "max_cached_steps")
+            for k in ("cache_ratio_threshold", "motion_threshold", "significance_level", "cache_warmup_steps", "max_cached_steps", "approximation")
             if hasattr(self.config, k)
         }
         return summary

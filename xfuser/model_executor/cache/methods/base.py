@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
+
 from xfuser.model_executor.cache.adapters.base import BlockCall, Streams
 
 if TYPE_CHECKING:
     from xfuser.model_executor.cache.manager import CacheManager
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 class CacheMethod:
@@ -28,6 +34,19 @@ class CacheMethod:
     def run_block(self, index: int, call: BlockCall) -> tuple[Streams, str, float]:
         """Return (output streams, action code, computed token fraction)."""
         return self.manager.compute(call), "C", 1.0
+
+    def state_bytes(self) -> list[int]:
+        """Bytes of cached tensors held for each block (stack methods: at a segment's first block)."""
+        out = [0] * self.manager.num_blocks
+        for store in (getattr(self, "anchor_now", {}), getattr(self, "anchor_ref", {}), getattr(self, "seg_out_ref", {})):
+            for first, tensors in store.items():
+                out[first] += _nbytes(tensors)
+        out[0] += _nbytes(self.step_tensors())
+        return out
+
+    def step_tensors(self) -> tuple:
+        """Per-step tensors a method keeps besides its stack references (counted at block 0)."""
+        return ()
 
     # ------------------------------------------------------------------ step-level decisions
     def step_state_size(self, n_tokens: int) -> int:

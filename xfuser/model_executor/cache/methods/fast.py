@@ -11,10 +11,15 @@ Per block l, with H_ref its input at the last step it was computed:
   * δ = ‖H_t − H_ref‖_F / ‖H_ref‖_F. Null hypothesis "the input moved by at most τ_t per unit
     of RMS": with n = number of tokens (the independent units), n·δ²/τ_t² ~ χ²(n), so the block
     is skipped iff δ ≤ τ_t·sqrt(χ²_{1−α}(n)/n), α = significance_level;
-  * skipped → H_out = Y_ref + (H_t − H_ref)(I + A), Y_ref the block output at that step: with
+  * with a calibration file (``approximation="learned"``, the default when one is found):
+    the block is skipped iff E·δ/δ_cal ≤ τ_t·sqrt(χ²_{1−α}(n)/n), E the learned forecast's
+    expected error at this block, step and gap and δ_cal the input change it was measured at
+    (forecast.py), and a skipped block returns the learned forecast;
+  * otherwise skipped → a first-order forecast of the residual (``extrapolate``), or
+    H_out = Y_ref + (H_t − H_ref)(I + A), Y_ref the block output at that step: with
     A = 0 this is plain residual reuse (H_t + R_ref, written so that a repeated input returns
-    Y_ref exactly); A is ridge-fitted; the one with the lower error on held-out computed steps
-    is used (``approximation``);
+    Y_ref exactly); A is ridge-fitted online; ``auto`` uses the one with the lower error on
+    held-out computed steps;
   * computed with static tokens present → motion tokens go through the block attending to the
     keys/values of *all* tokens; static tokens take the approximation.
 """
@@ -27,6 +32,7 @@ from scipy.stats import chi2
 
 from xfuser.logger import init_logger, warn_once
 from xfuser.model_executor.cache.adapters.base import BlockCall, Streams
+from xfuser.model_executor.cache.forecast import CALIBRATE_HINT, ForecastError, LearnedForecast, find_forecast, load_forecast, stream_widths
 from xfuser.model_executor.cache.linear_approx import RidgeResidualMap
 from xfuser.model_executor.cache.methods.base import CacheMethod
 
@@ -40,18 +46,26 @@ def chi2_bound_factor(significance_level: float, dof: int) -> float:
 
 
 class _BlockState:
-    def __init__(self, n_streams: int, ridge: float) -> None:
+    def __init__(self, index: int, n_streams: int, ridge: float) -> None:
+        self.index = index
         self.in_ref: Streams | None = None
+        self.ref2: torch.Tensor | None = None  # Σ in_ref² (+ extras), on the device: the δ test's denominator
         self.extras_ref: Streams | None = None
         self.out_ref: list[torch.Tensor] | None = None
         self.maps = [RidgeResidualMap(ridge) for _ in range(n_streams)]
         self.consecutive = 0
+        self.last_step = -1  # step of the last (whole or partial) compute: the learned forecast's gap
         self.fits_seen = 0  # computed steps since the map became ready (evaluation cadence)
         # held-out squared errors of both predictors, local (pending) and synced (totals)
         self.pending: torch.Tensor | None = None  # on the model's device: no host sync to add to it
         self.err_reuse = self.err_fit = self.err_norm = 0.0
-        # (t, residuals) of the last two whole-block computes: first-order forecast of the residual
-        self.history: list[tuple[float, list[torch.Tensor]]] = []
+        # (clock, step, residuals) of the last two whole-block computes: the forecasts' history
+        self.history: list[tuple[float, int, list[torch.Tensor]]] = []
+
+    def nbytes(self) -> int:
+        tensors = [*(self.in_ref or ()), *(self.extras_ref or ()), *(self.out_ref or ())]
+        tensors += [r for _, _, residuals in self.history for r in residuals]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class FastCache(CacheMethod):
@@ -61,7 +75,12 @@ class FastCache(CacheMethod):
 
     def __init__(self, manager) -> None:
         super().__init__(manager)
-        self.approximation = getattr(self.config, "approximation", "reuse")
+        self.approximation = getattr(self.config, "approximation", "extrapolate")
+        self.forecast: LearnedForecast | None = None
+        self.forecast_source: str | None = None
+        self.forecast_explicit = False
+        if self.approximation == "learned":
+            self._load_forecast()
         # only `fitted`/`auto` use the ridge map; with threshold 0 nothing is approximated either way
         self.fit_enabled = self.approximation in ("fitted", "auto") and self.config.cache_ratio_threshold > 0
         self.ridge = float(getattr(self.config, "ridge", 0.1))
@@ -74,9 +93,43 @@ class FastCache(CacheMethod):
                 self.config.motion_threshold,
             )
 
+    def _load_forecast(self) -> None:
+        """The calibration named in the config, else ``fastcache.safetensors`` beside the model;
+        without one, today's first-order forecast (and one line saying how to calibrate)."""
+        m = self.manager
+        path = getattr(self.config, "calibration", None)
+        self.forecast_explicit = path is not None
+        path = path or find_forecast(m.transformer)
+        if path is None:
+            warn_once(
+                logger,
+                "Fast: no calibration for %s, so skipped blocks use the first-order forecast; learn one with `%s`",
+                type(m.transformer).__name__, CALIBRATE_HINT,
+            )
+            self.approximation = "extrapolate"
+            return
+        forecast = load_forecast(path)
+        forecast.check_matches(m.transformer, m.num_blocks, stream_widths(m.transformer, m.adapter), None, str(path))
+        self.forecast, self.forecast_source = forecast, str(path)
+
+    def _forecast_for_run(self) -> LearnedForecast | None:
+        """The learned forecast if it was fitted for this run's step count (explicit file: an
+        error otherwise; a file found beside the model: a warning and the first-order forecast)."""
+        steps = self.manager.num_steps
+        if self.forecast is None or steps is None or steps == self.forecast.num_steps:
+            return self.forecast
+        try:
+            self.forecast.check_matches(self.manager.transformer, self.manager.num_blocks, None, steps, self.forecast_source)
+        except ForecastError as exc:
+            if self.forecast_explicit:
+                raise
+            warn_once(logger, "Fast: %s; using the first-order forecast for this run", exc)
+        return None
+
     def reset(self) -> None:
+        self.active_forecast = self._forecast_for_run() if self.approximation == "learned" else None
         n_streams = len(self.manager.adapter.streams)
-        self.blocks = [_BlockState(n_streams, self.ridge) for _ in range(self.manager.num_blocks)]
+        self.blocks = [_BlockState(i, n_streams, self.ridge) for i in range(self.manager.num_blocks)]
         self.prev_stack_in: torch.Tensor | None = None
         self.tau = self.config.cache_ratio_threshold
         self.static_index: torch.Tensor | None = None
@@ -172,26 +225,47 @@ class FastCache(CacheMethod):
         if m.forced_compute() or st.in_ref is None or not m.may_skip(st.consecutive):
             st.consecutive = 0
             return self._compute(st, call), "C", 1.0
+        forecast = self.active_forecast
+        if forecast is not None:
+            trend = len(st.history) == 2 and st.history[-1][1] == st.last_step
+            expected, delta_cal = forecast.expected_error(index, m.step, m.step - st.last_step, trend)
+            if expected == float("inf"):  # beyond the calibrated gaps: compute (same on every rank)
+                st.consecutive = 0
+                return self._compute(st, call), "C", 1.0
         # δ test (one reduction carries the pending held-out errors of this block as well)
-        parts = [sum((a - b).float().pow(2).sum() for a, b in zip((*x, *extras), (*st.in_ref, *st.extras_ref)))]
-        parts.append(sum(b.float().pow(2).sum() for b in (*st.in_ref, *st.extras_ref)))
-        n_tokens = sum(t.shape[0] * t.shape[1] for t in x[:1])
+        if st.ref2 is None:
+            st.ref2 = sum(torch.linalg.vector_norm(b.float()).double().square() for b in (*st.in_ref, *st.extras_ref))
+        diff2 = sum(torch.dist(a.float(), b.float()).double().square() for a, b in zip((*x, *extras), (*st.in_ref, *st.extras_ref)))
+        n_tokens = x[0].shape[0] * x[0].shape[1]
         device = x[0].device
-        pending = st.pending if st.pending is not None else torch.zeros(3, dtype=torch.float64, device=device)
-        vec = torch.cat([torch.stack(parts).double(), torch.tensor([float(n_tokens)], dtype=torch.float64, device=device), pending])
+        parts = [diff2, st.ref2]
+        if m.sync.world_size > 1:  # SP ranks hold different token counts: the χ² test needs the total
+            parts.append(torch.tensor(float(n_tokens), dtype=torch.float64, device=device))
+        if self.fit_enabled:
+            pending = st.pending if st.pending is not None else torch.zeros(3, dtype=torch.float64, device=device)
+            parts.extend(pending.unbind())
         # the one host read of this block's decision
-        diff2, ref2, n_total, e_reuse, e_fit, e_norm = m.sync.reduce_sum(vec).tolist()
-        st.pending = None
-        st.err_reuse += e_reuse
-        st.err_fit += e_fit
-        st.err_norm += e_norm
+        values = m.sync.reduce_sum(torch.stack(parts)).tolist()
+        if m.sync.world_size == 1:
+            values.insert(2, float(n_tokens))
+        diff2, ref2, n_total = values[:3]
+        if self.fit_enabled:
+            e_reuse, e_fit, e_norm = values[3:]
+            st.pending = None
+            st.err_reuse += e_reuse
+            st.err_fit += e_fit
+            st.err_norm += e_norm
         delta = (diff2 / max(ref2, 1e-24)) ** 0.5
         bound = self.tau * chi2_bound_factor(cfg.significance_level, max(int(n_total), 1))
+        if forecast is not None:
+            # the input change, scaled into what the learned forecast is expected to get wrong
+            m.stats.metric("expected_error", expected)
+            delta = expected * delta / delta_cal
         if delta <= bound:
             m.block_skipped(call)
             st.consecutive += 1
             use_fit = self._use_fit(st)
-            return self._approximate(st, x, use_fit), ("A" if use_fit else "R"), 0.0
+            return self._approximate(st, x, use_fit), ("A" if use_fit or self.active_forecast is not None else "R"), 0.0
         st.consecutive = 0
         if self.motion_index is not None:
             return self._compute_partial(st, call), "P", self.motion_fraction
@@ -218,11 +292,32 @@ class FastCache(CacheMethod):
         """Steps of the residual's last change to extrapolate by: (t_now − t_ref)/(t_ref − t_prev)."""
         if self.approximation != "extrapolate" or len(st.history) < 2:
             return None
-        (t_prev, _), (t_ref, _) = st.history
+        (t_prev, _, _), (t_ref, _, _) = st.history
         t_now = self._clock()
         if t_ref == t_prev:
             return None
         return (t_now - t_ref) / (t_ref - t_prev)
+
+    def _forecast_learned(self, st: _BlockState, x: Streams) -> Streams:
+        """The learned forecast from the last compute (and the trend to the one before it)."""
+        step = self.manager.step
+        gap = step - st.last_step
+        whole = bool(st.history) and st.history[-1][1] == st.last_step
+        trend_steps = st.history[0][1] if whole and len(st.history) == 2 else None
+        out = []
+        for k, (xk, ref, yref) in enumerate(zip(x, st.in_ref, st.out_ref)):
+            r_ref = st.history[-1][2][k] if whole else yref - ref
+            trend = None
+            if trend_steps is not None and self.active_forecast.uses_trend(gap):
+                trend = (gap / (st.last_step - trend_steps)) * (r_ref - st.history[0][2][k])
+            out.append(self.active_forecast.predict(st.index, step, gap, k, xk, ref, r_ref, trend))
+        return tuple(out)
+
+    def state_bytes(self) -> list[int]:
+        """Bytes of cached tensors per block (references and forecast history)."""
+        out = [st.nbytes() for st in self.blocks]
+        out[0] += sum(t.numel() * t.element_size() for t in (self.prev_stack_in,) if t is not None)
+        return out
 
     def _clock(self) -> float:
         """The denoising position the forecast runs on: the real timestep when known, else the step."""
@@ -230,6 +325,8 @@ class FastCache(CacheMethod):
         return float(m.t_norm) if m.t_norm is not None else float(m.step)
 
     def _approximate(self, st: _BlockState, x: Streams, use_fit: bool) -> Streams:
+        if self.active_forecast is not None:
+            return self._forecast_learned(st, x)
         out = []
         slope = self._slope(st)
         for k, (xk, ref, yref) in enumerate(zip(x, st.in_ref, st.out_ref)):
@@ -237,7 +334,7 @@ class FastCache(CacheMethod):
             y = yref + dx
             if slope is not None:
                 # R(t) ≈ R_ref + slope·(R_ref − R_prev): the residual's trend between the last two computes
-                r_prev, r_ref = st.history[0][1][k], st.history[1][1][k]
+                r_prev, r_ref = st.history[0][2][k], st.history[1][2][k]
                 y = y + slope * (r_ref - r_prev)
             if use_fit:
                 st.maps[k].solve(self.manager.sync)
@@ -271,8 +368,11 @@ class FastCache(CacheMethod):
             for k, (dx, dr) in enumerate(zip(dxs, drs)):
                 st.maps[k].observe(dx, dr)
         st.in_ref, st.extras_ref, st.out_ref = tuple(x), tuple(extras), list(out)
-        if self.approximation == "extrapolate":
-            st.history = [*st.history[-1:], (self._clock(), [o - i for o, i in zip(out, x)])]
+        st.ref2 = None
+        st.last_step = self.manager.step
+        if self.approximation in ("extrapolate", "learned"):
+            keep = 0 if self.active_forecast is not None and not self.active_forecast.needs_trend else 1
+            st.history = [*st.history[len(st.history) - keep:], (self._clock(), st.last_step, [o - i for o, i in zip(out, x)])]
         return out
 
     def _compute_partial(self, st: _BlockState, call: BlockCall) -> Streams:
@@ -291,7 +391,9 @@ class FastCache(CacheMethod):
         out_ref[0][:, rows] = out[0][:, rows]
         st.in_ref, st.out_ref = tuple(in_ref), out_ref
         st.extras_ref = tuple(call.extras)
+        st.ref2 = None
         st.history = []  # a partly computed residual is no point of the trend
+        st.last_step = self.manager.step
         return tuple(out)
 
     def held_out_errors(self) -> dict[int, dict[str, float]]:

@@ -24,6 +24,9 @@ class FirstBlockCache(CacheMethod):
         self.hit = False
         self.consecutive = 0
 
+    def step_tensors(self) -> tuple:
+        return (self.ref_residual,)
+
     def step_state_size(self, n_tokens: int) -> int:
         return 1
 

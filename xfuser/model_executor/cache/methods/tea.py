@@ -70,6 +70,9 @@ class TeaCache(CacheMethod):
         self.skip = False
         self.consecutive = 0
 
+    def step_tensors(self) -> tuple:
+        return (self.prev_modulated,)
+
     def step_state_size(self, n_tokens: int) -> int:
         return 1
 
