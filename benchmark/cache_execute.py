@@ -50,13 +50,13 @@ SWEEP_THRESHOLDS = {
     # FastCache with a learned forecast compares its expected error with the threshold (a
     # relative output error per block); without a calibration file the same values still span
     # its range (docs/methods/fastcache.md)
-    "Fast": [0.05, 0.1, 0.15, 0.3, 1.0],
-    "Fb": [0.05, 0.1, 0.2, 0.5],
-    "Tea": [0.05, 0.1, 0.2, 0.5, 1.0],
+    "Fast": [0.05, 0.1, 0.15, 0.3],
+    "Fb": [0.1, 0.2, 0.5],
+    "Tea": [0.2, 0.5, 1.0],
 }
-# max_cached_steps swept for every method alike: -1 (no cap), at most 1, 2, 3, 5 or 7 skipped steps in a row
-SWEEP_CAPS = [-1, 1, 2, 3, 5, 7]
-PEER_THRESHOLDS = [0.02, 0.05, 0.1, 0.2]
+# max_cached_steps swept for every method alike: -1 (no cap), at most 2, 3 or 5 skipped steps in a row
+SWEEP_CAPS = [-1, 2, 3, 5]
+PEER_THRESHOLDS = [0.05, 0.1, 0.2]
 DEFAULT_PROMPTS = [
     "a red circle on a blue background, top left",
     "a yellow triangle on a black background, center",

@@ -345,3 +345,24 @@ def test_kv_refresh_writes_the_rows_a_computed_block_writes(model_type, index):
     for got, want, old in zip(context.buffers[index], computed, stale):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert not torch.equal(got[:, 8:], old[:, 8:]) and torch.equal(got[:, :8], old[:, :8])
+
+
+def test_learned_fastcache_under_pipefusion(tmp_path):
+    """FastCache with a calibrated forecast under PipeFusion: with full-image steps it equals
+    the single process (decisions included); patched, overlapping steps equals draining them."""
+    from xfuser.testing.tiny_pipelines import calibrate_tiny_fastcache
+
+    path = calibrate_tiny_fastcache("pixart-sigma", tmp_path / "fastcache.safetensors", STEPS)
+    methods = {"FastLearned": dict(cache_method="Fast", cache_ratio_threshold=1.0, motion_threshold=0.5, fastcache_calibration=str(path))}
+    pp = dict(pipefusion_parallel_degree=2, num_pipeline_patch=2)
+    runs = [("pixart-sigma", pp, dict(warmup_steps=STEPS)), ("pixart-sigma", pp, dict(warmup_steps=1)),
+            ("pixart-sigma", pp, dict(warmup_steps=1, pipefusion_sync_steps=True))]
+    run = run_on_ranks(_worker, 2, runs, methods, STEPS, timeout_s=400)
+    ref = _single("pixart-sigma", methods)["FastLearned"]
+    for rank, (exact, overlapped, per_step) in enumerate(run.results):
+        assert _rel(exact["FastLearned"]["latents"], ref["latents"]) <= 1e-5, rank
+        assert exact["FastLearned"]["log"] == ref["log"], f"rank {rank}: decisions differ from the single process"
+        assert _rel(overlapped["FastLearned"]["latents"], per_step["FastLearned"]["latents"]) <= 1e-5, rank
+        assert overlapped["FastLearned"]["log"] == per_step["FastLearned"]["log"]
+        for res in (exact, overlapped):
+            assert any(a == "A" for s in res["FastLearned"]["log"] for a in s[1]), "the learned forecast never ran"
