@@ -24,7 +24,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from xfuser import xFuserFastCachePipelineWrapper  # noqa: E402
 from xfuser.config import CacheConfig  # noqa: E402
 from xfuser.logger import init_logger  # noqa: E402
+from xfuser.timing import model_device, timed  # noqa: E402
 from xfuser.metrics import LPIPSUnavailable, lpips_scorer, psnr, relative_l2, ssim  # noqa: E402
 from xfuser.model_executor.pipelines.call_args import prepare_call_kwargs  # noqa: E402
 from xfuser.model_executor.pipelines.decode import decode_images  # noqa: E402
@@ -99,12 +99,11 @@ class Bench:
         if before is not None:
             before()
         generator = torch.Generator().manual_seed(seed)
-        start = time.perf_counter()
-        latents = self.wrapper(
+        out, seconds = timed(lambda: self.wrapper(
             prompt=prompt, num_inference_steps=self.args.num_inference_steps, generator=generator,
             output_type="latent", **self.kwargs,
-        ).images
-        seconds = time.perf_counter() - start
+        ), model_device(self.pipe))
+        latents = out.images
         return self.decode(latents), latents, seconds
 
     def decode(self, latents: torch.Tensor):

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ from xfuser.core.attention import usp  # noqa: E402
 from xfuser.core.distributed import all_coordinators, destroy_distributed_environment, get_world_group  # noqa: E402
 from xfuser.logger import init_logger  # noqa: E402
 from xfuser.metrics import psnr, relative_l2, ssim  # noqa: E402
+from xfuser.timing import model_device, summarize, timed  # noqa: E402
 from xfuser.model_executor.pipelines.decode import decode_images  # noqa: E402
 
 logger = init_logger("benchmark.cache_execution_xfuser")
@@ -116,9 +116,8 @@ def main() -> int:
             times, sent = [], []
             for _ in range(ns.repeats):
                 reset_bytes()
-                start = time.perf_counter()
-                out = runner()
-                times.append(time.perf_counter() - start)
+                out, seconds = timed(runner, model_device(pipe))
+                times.append(seconds)
                 sent.append(bytes_sent() / max(len(runner.local_prompts()), 1))
             latents = out.images.float().cpu()
             kwargs = runner.call_kwargs()
@@ -127,7 +126,8 @@ def main() -> int:
                 reference, reference_image = latents, image
             stats = runner.get_cache_statistics()
             results[method] = {
-                "latency_s": statistics.median(times),
+                "latency_s": summarize(times)["median_s"],
+                "latency_min_s": summarize(times)["min_s"],
                 "bytes_sent_per_image": statistics.median(sent),
                 "usp_bytes": dict(usp.comm_bytes),
                 "hit_ratio": stats["hit_ratio"],

@@ -18,7 +18,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from xfuser import xFuserFastCachePipelineWrapper  # noqa: E402
 from xfuser.config import CacheConfig  # noqa: E402
 from xfuser.logger import init_logger  # noqa: E402
 from xfuser.metrics import psnr, relative_l2, ssim  # noqa: E402
+from xfuser.timing import model_device, timed  # noqa: E402
 from xfuser.model_executor.pipelines.call_args import accepts, prepare_call_kwargs  # noqa: E402
 from xfuser.model_executor.pipelines.model_types import call_defaults, load_pipeline, resolve_model, video_model_types  # noqa: E402
 
@@ -99,10 +99,10 @@ class VideoBench:
         if accepts(self.pipe, "callback_on_step_end"):
             kwargs.update(callback_on_step_end=self._keep_latents, callback_on_step_end_tensor_inputs=["latents"])
         self._latents = None
-        start = time.perf_counter()
-        out = self.wrapper(prompt=self.args.prompt, num_inference_steps=self.args.num_inference_steps,
-                           generator=torch.Generator().manual_seed(self.args.seed), output_type="np", **kwargs)
-        seconds = time.perf_counter() - start
+        out, seconds = timed(lambda: self.wrapper(
+            prompt=self.args.prompt, num_inference_steps=self.args.num_inference_steps,
+            generator=torch.Generator().manual_seed(self.args.seed), output_type="np", **kwargs,
+        ), model_device(self.pipe))
         return np.asarray(out.frames[0]), self._latents, seconds
 
     def latency(self) -> tuple[float, np.ndarray, torch.Tensor | None]:

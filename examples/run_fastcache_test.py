@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from xfuser import xFuserFastCachePipelineWrapper  # noqa: E402
 from xfuser.config import CacheConfig  # noqa: E402
 from xfuser.logger import init_logger  # noqa: E402
 from xfuser.metrics import psnr, ssim  # noqa: E402
+from xfuser.timing import model_device, timed  # noqa: E402
 from xfuser.model_executor.pipelines.call_args import prepare_call_kwargs  # noqa: E402
 from xfuser.model_executor.pipelines.model_types import all_model_types, default_size, load_pipeline  # noqa: E402
 
@@ -62,10 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
         kwargs["guidance_scale"] = args.guidance_scale
 
     def generate():
-        start = time.perf_counter()
-        out = wrapper(prompt=args.prompt, num_inference_steps=args.num_inference_steps,
-                      generator=torch.Generator().manual_seed(args.seed), **kwargs)
-        return out.images[0], time.perf_counter() - start
+        out, seconds = timed(lambda: wrapper(prompt=args.prompt, num_inference_steps=args.num_inference_steps,
+                                             generator=torch.Generator().manual_seed(args.seed), **kwargs), model_device(pipe))
+        return out.images[0], seconds
 
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

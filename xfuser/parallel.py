@@ -13,7 +13,6 @@ share of the prompts. The denoising loop is the pipeline's own, shared by every 
 """
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from xfuser.model_executor.models.pipefusion import PatchPipeline, free_foreign_
 from xfuser.model_executor.models.sequence_parallel import SequenceShard, check_sequence_parallel
 from xfuser.model_executor.pipelines.call_args import accepts, prepare_call_kwargs
 from xfuser.model_executor.pipelines.fastcache_pipeline import check_method_supported
+from xfuser.timing import model_device, timed
 
 logger = init_logger(__name__)
 
@@ -222,10 +222,8 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         kwargs = self.call_kwargs(**overrides)
         self.manager.reset(kwargs["num_inference_steps"])
         scheduler_hold = self._begin_patch_generation(kwargs) if self.manager.patch_pipeline is not None else nullcontext()
-        start = time.perf_counter()
         with scheduler_hold:
-            self.output = self.pipe(**kwargs)
-        self.latency_s = time.perf_counter() - start
+            self.output, self.latency_s = timed(lambda: self.pipe(**kwargs), model_device(self.pipe))
         if self.manager.debug_agreement:
             self.manager.sync.verify_same(self.manager.decision_log())
         if self.manager.patch_pipeline is not None:
