@@ -10,7 +10,8 @@ g, per "trend available" flag, and per channel group (one per channel when the t
 small, else one per attention head: a D² map per block and step would cost 9.4 M values per
 block for FLUX). Reuse is α = 1, β = γ = 0; first-order extrapolation is α = β = 1; γ is the
 diagonal part of the seed's H_out = W·H_in + b. A file holds the features it was fitted with
-(``meta["features"]``; the default is α alone, chosen by measurement: docs/methods/fastcache.md).
+(``meta["features"]``; the default, chosen by measurement, is α everywhere and β for gaps ≤ 2:
+docs/methods/fastcache.md §3.0).
 The coefficients come from ``python -m
 xfuser.model_executor.cache.calibrate --method Fast`` (forecast_fit.py), which also stores per
 (l, t, g, flag) the forecast's relative output error E = ‖R̂ − R‖/‖Y‖ and the block's typical
@@ -77,15 +78,12 @@ class LearnedForecast:
         return int(self.error.shape[2])
 
     def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() for c in self.coef) + self.error.numel() * 8 + self.delta.numel() * 8
+        return sum(t.numel() * t.element_size() for t in (*self.coef, self.error, self.delta))
 
     # ------------------------------------------------------------------ use
-    def covers(self, block: int, step: int, gap: int) -> bool:
-        return 0 <= step < self.num_steps and 1 <= gap <= self.max_gap
-
     def expected_error(self, block: int, step: int, gap: int, trend: bool) -> tuple[float, float]:
         """(E, δ_cal) of the forecast for this block, step and gap (inf, 1 when not fitted)."""
-        if not self.covers(block, step, gap):
+        if not (0 <= step < self.num_steps and 1 <= gap <= self.max_gap):
             return math.inf, 1.0
         return self._error[block][step][gap - 1][int(trend)], self._delta[block][step][gap - 1]
 
@@ -171,16 +169,19 @@ class LearnedForecast:
         if not self.features or self.features[0] != "residual" or any(f not in FEATURES for f in self.features):
             raise ForecastError(f"{path}: unknown features {list(self.features)}; re-run `{CALIBRATE_HINT}`")
 
-    def check_matches(self, transformer, num_blocks: int, stream_widths: list[int] | None, num_steps: int | None, source: str) -> None:
-        """Raise :class:`ForecastError` unless this file was fitted for this model and run."""
+    def check_matches(self, transformer, num_blocks: int, stream_widths: list[int], source: str) -> None:
+        """Raise :class:`ForecastError` unless this file was fitted for this model."""
         want = self.meta.get("transformer")
         if want != type(transformer).__name__:
             raise ForecastError(f"{source} was calibrated for {want}, not {type(transformer).__name__}; make one for this model with `{CALIBRATE_HINT}`")
         if num_blocks != self.num_blocks:
             raise ForecastError(f"{source} was calibrated for {self.num_blocks} blocks, this transformer has {num_blocks}; re-run `{CALIBRATE_HINT}`")
-        if stream_widths is not None and list(stream_widths) != list(self.meta["stream_widths"]):
+        if list(stream_widths) != list(self.meta["stream_widths"]):
             raise ForecastError(f"{source} was calibrated for stream widths {self.meta['stream_widths']}, this transformer has {list(stream_widths)}; re-run `{CALIBRATE_HINT}`")
-        if num_steps is not None and num_steps != self.num_steps:
+
+    def check_steps(self, num_steps: int, source: str) -> None:
+        """Raise :class:`ForecastError` unless this file was fitted for ``num_steps`` steps."""
+        if num_steps != self.num_steps:
             raise ForecastError(
                 f"{source} was calibrated for --num_inference_steps {self.num_steps}, this run has {num_steps}; "
                 f"run with {self.num_steps} steps or re-run `{CALIBRATE_HINT} --num_inference_steps {num_steps}`"

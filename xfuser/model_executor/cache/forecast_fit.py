@@ -166,12 +166,10 @@ def solve_grouped(
     return coef.T.contiguous()
 
 
-def default_groups(transformer, n_blocks: int, n_steps: int, max_gap: int, n_features: int, widths: list[int]) -> int:
+def default_groups(heads: int, n_blocks: int, n_steps: int, max_gap: int, n_features: int, widths: list[int]) -> int:
     """One coefficient per channel when the table is small, else one per attention head."""
     values = n_blocks * n_steps * max_gap * 2 * n_features * sum(widths)
-    if values <= MAX_PER_CHANNEL_VALUES:
-        return widths[0]
-    return adapter_for(transformer).num_heads(transformer)
+    return widths[0] if values <= MAX_PER_CHANNEL_VALUES else heads
 
 
 def fit_forecast(
@@ -190,7 +188,7 @@ def fit_forecast(
     recorded = [first["inputs"][0][0][k].shape[-1] for k in range(n_streams)]
     if recorded != widths:
         raise ValueError(f"recorded stream widths {recorded} differ from the transformer config's {widths}")
-    groups = groups or default_groups(transformer, n_blocks, n_steps, max_gap, len(features), widths)
+    groups = groups or default_groups(adapter.num_heads(transformer), n_blocks, n_steps, max_gap, len(features), widths)
     coef = [torch.zeros(n_blocks, n_steps, max_gap, 2, len(features), groups, dtype=COEF_DTYPE) for _ in range(n_streams)]
     for c in coef:
         c[..., 0, :] = 1.0  # reuse wherever nothing is fitted (those entries are never used: E = inf)

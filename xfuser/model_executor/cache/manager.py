@@ -213,10 +213,7 @@ class CacheManager:
         methods = [method for method, _ in self._slots.values()] or [self.method]
         per_block = [sum(col) for col in zip(*(method.state_bytes() for method in methods))]
         summary["cache_state_bytes"] = {"per_block": per_block, "total": sum(per_block)}
-        forecast = getattr(self.method, "active_forecast", None)
-        if forecast is not None:
-            summary["forecast"] = {"source": self.method.forecast_source, "table_bytes": forecast.nbytes(),
-                                   "features": list(forecast.features), "groups": forecast.meta.get("groups")}
+        summary.update(self.method.extra_statistics())
         summary["family"] = self.adapter.family
         summary["config"] = {
             k: getattr(self.config, k)

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from xfuser.model_executor.cache.manager import CacheManager
 
 
-def _nbytes(tensors) -> int:
+def tensor_bytes(tensors) -> int:
+    """Bytes held by the tensors among ``tensors`` (None entries and non-tensors count 0)."""
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
@@ -40,13 +41,17 @@ class CacheMethod:
         out = [0] * self.manager.num_blocks
         for store in (getattr(self, "anchor_now", {}), getattr(self, "anchor_ref", {}), getattr(self, "seg_out_ref", {})):
             for first, tensors in store.items():
-                out[first] += _nbytes(tensors)
-        out[0] += _nbytes(self.step_tensors())
+                out[first] += tensor_bytes(tensors)
+        out[0] += tensor_bytes(self.step_tensors())
         return out
 
     def step_tensors(self) -> tuple:
         """Per-step tensors a method keeps besides its stack references (counted at block 0)."""
         return ()
+
+    def extra_statistics(self) -> dict:
+        """Method-specific entries for ``get_cache_statistics()`` (none by default)."""
+        return {}
 
     # ------------------------------------------------------------------ step-level decisions
     def step_state_size(self, n_tokens: int) -> int:

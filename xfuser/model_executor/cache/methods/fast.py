@@ -34,7 +34,7 @@ from xfuser.logger import init_logger, warn_once
 from xfuser.model_executor.cache.adapters.base import BlockCall, Streams
 from xfuser.model_executor.cache.forecast import CALIBRATE_HINT, ForecastError, LearnedForecast, find_forecast, load_forecast, stream_widths
 from xfuser.model_executor.cache.linear_approx import RidgeResidualMap
-from xfuser.model_executor.cache.methods.base import CacheMethod
+from xfuser.model_executor.cache.methods.base import CacheMethod, tensor_bytes
 
 logger = init_logger(__name__)
 
@@ -63,9 +63,13 @@ class _BlockState:
         self.history: list[tuple[float, int, list[torch.Tensor]]] = []
 
     def nbytes(self) -> int:
-        tensors = [*(self.in_ref or ()), *(self.extras_ref or ()), *(self.out_ref or ())]
-        tensors += [r for _, _, residuals in self.history for r in residuals]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        residuals = [r for _, _, rs in self.history for r in rs]
+        return tensor_bytes([*(self.in_ref or ()), *(self.extras_ref or ()), *(self.out_ref or ()), *residuals])
+
+    @property
+    def has_trend(self) -> bool:
+        """Two whole computes since the last partial one (a partial compute clears the history)."""
+        return len(self.history) == 2
 
 
 class FastCache(CacheMethod):
@@ -109,7 +113,7 @@ class FastCache(CacheMethod):
             self.approximation = "extrapolate"
             return
         forecast = load_forecast(path)
-        forecast.check_matches(m.transformer, m.num_blocks, stream_widths(m.transformer, m.adapter), None, str(path))
+        forecast.check_matches(m.transformer, m.num_blocks, stream_widths(m.transformer, m.adapter), str(path))
         self.forecast, self.forecast_source = forecast, str(path)
 
     def _forecast_for_run(self) -> LearnedForecast | None:
@@ -119,7 +123,7 @@ class FastCache(CacheMethod):
         if self.forecast is None or steps is None or steps == self.forecast.num_steps:
             return self.forecast
         try:
-            self.forecast.check_matches(self.manager.transformer, self.manager.num_blocks, None, steps, self.forecast_source)
+            self.forecast.check_steps(steps, self.forecast_source)
         except ForecastError as exc:
             if self.forecast_explicit:
                 raise
@@ -227,8 +231,7 @@ class FastCache(CacheMethod):
             return self._compute(st, call), "C", 1.0
         forecast = self.active_forecast
         if forecast is not None:
-            trend = len(st.history) == 2 and st.history[-1][1] == st.last_step
-            expected, delta_cal = forecast.expected_error(index, m.step, m.step - st.last_step, trend)
+            expected, delta_cal = forecast.expected_error(index, m.step, m.step - st.last_step, st.has_trend)
             if expected == float("inf"):  # beyond the calibrated gaps: compute (same on every rank)
                 st.consecutive = 0
                 return self._compute(st, call), "C", 1.0
@@ -259,7 +262,6 @@ class FastCache(CacheMethod):
         bound = self.tau * chi2_bound_factor(cfg.significance_level, max(int(n_total), 1))
         if forecast is not None:
             # the input change, scaled into what the learned forecast is expected to get wrong
-            m.stats.metric("expected_error", expected)
             delta = expected * delta / delta_cal
         if delta <= bound:
             m.block_skipped(call)
@@ -302,22 +304,29 @@ class FastCache(CacheMethod):
         """The learned forecast from the last compute (and the trend to the one before it)."""
         step = self.manager.step
         gap = step - st.last_step
-        whole = bool(st.history) and st.history[-1][1] == st.last_step
-        trend_steps = st.history[0][1] if whole and len(st.history) == 2 else None
+        use_trend = st.has_trend and self.active_forecast.uses_trend(gap)
         out = []
         for k, (xk, ref, yref) in enumerate(zip(x, st.in_ref, st.out_ref)):
-            r_ref = st.history[-1][2][k] if whole else yref - ref
+            # the last compute's residual: kept in the history for whole computes, else from the refs
+            r_ref = st.history[-1][2][k] if st.history else yref - ref
             trend = None
-            if trend_steps is not None and self.active_forecast.uses_trend(gap):
-                trend = (gap / (st.last_step - trend_steps)) * (r_ref - st.history[0][2][k])
+            if use_trend:
+                trend = (gap / (st.last_step - st.history[0][1])) * (r_ref - st.history[0][2][k])
             out.append(self.active_forecast.predict(st.index, step, gap, k, xk, ref, r_ref, trend))
         return tuple(out)
 
     def state_bytes(self) -> list[int]:
         """Bytes of cached tensors per block (references and forecast history)."""
         out = [st.nbytes() for st in self.blocks]
-        out[0] += sum(t.numel() * t.element_size() for t in (self.prev_stack_in,) if t is not None)
+        out[0] += tensor_bytes([self.prev_stack_in])
         return out
+
+    def extra_statistics(self) -> dict:
+        forecast = self.active_forecast
+        if forecast is None:
+            return {}
+        return {"forecast": {"source": self.forecast_source, "table_bytes": forecast.nbytes(),
+                             "features": list(forecast.features), "groups": forecast.meta.get("groups")}}
 
     def _clock(self) -> float:
         """The denoising position the forecast runs on: the real timestep when known, else the step."""
