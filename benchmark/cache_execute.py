@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from xfuser import xFuserFastCachePipelineWrapper  # noqa: E402
 from xfuser.config import CacheConfig  # noqa: E402
 from xfuser.logger import init_logger  # noqa: E402
+from xfuser.memory import peak_memory, reset_peak_memory  # noqa: E402
 from xfuser.timing import model_device, timed  # noqa: E402
 from xfuser.metrics import LPIPSUnavailable, lpips_scorer, psnr, relative_l2, ssim  # noqa: E402
 from xfuser.model_executor.pipelines.call_args import prepare_call_kwargs  # noqa: E402
@@ -99,10 +100,13 @@ class Bench:
         if before is not None:
             before()
         generator = torch.Generator().manual_seed(seed)
+        device = model_device(self.pipe)
+        reset_peak_memory(device)
         out, seconds = timed(lambda: self.wrapper(
             prompt=prompt, num_inference_steps=self.args.num_inference_steps, generator=generator,
             output_type="latent", **self.kwargs,
-        ), model_device(self.pipe))
+        ), device)
+        self.last_peak = peak_memory(device)  # of the denoising loop (the decode below is not a cache's cost)
         latents = out.images
         return self.decode(latents), latents, seconds
 
@@ -122,7 +126,7 @@ class Bench:
             self.run_once(*self.cases[0])  # uncached warm-up, untimed
             toggle[0]()
         self.run_once(*self.cases[0], before)  # warm-up, untimed
-        times, base_times, outputs = [], [], []
+        times, base_times, outputs, peaks = [], [], [], []
         for prompt, seed in self.cases:
             per_case, per_base = [], []
             for _ in range(self.args.repeats):
@@ -132,11 +136,14 @@ class Bench:
                     toggle[0]()
                 image, latents, seconds = self.run_once(prompt, seed, before)
                 per_case.append(seconds)
+                peaks.append(self.last_peak)
             times.append(min(per_case))  # interference only ever adds time: the fastest repeat is the cleanest
             if per_base:
                 base_times.append(min(per_base))
             outputs.append((image, latents, self.wrapper.get_cache_statistics()))
         result: dict[str, Any] = {"latency_s": statistics.median(times), "latency_per_case_s": times, "images": []}
+        result["peak_memory_bytes"] = max(p.bytes for p in peaks)
+        result["peak_memory_kind"] = peaks[0].kind
         if base_times:
             result["baseline_latency_s"] = statistics.median(base_times)
         for i, (image, _, _) in enumerate(outputs):
@@ -155,6 +162,7 @@ class Bench:
         result["hit_ratio"] = statistics.mean(s["hit_ratio"] for s in stats) if stats else None
         result["compute_fraction"] = statistics.mean(s["compute_fraction"] for s in stats) if stats else None
         result["stats"] = stats[0] if stats else None
+        result["cache_state_bytes"] = stats[0]["cache_state_bytes"]["total"] if stats else None  # peers: not ours to count
         return result, outputs
 
 
@@ -243,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "lpips": lpips_info,
     }
     baseline, references = bench.measure("None")
-    report["baseline"] = {k: baseline[k] for k in ("latency_s", "latency_per_case_s", "images")}
+    report["baseline"] = {k: baseline[k] for k in ("latency_s", "latency_per_case_s", "images", "peak_memory_bytes", "peak_memory_kind")}
     logger.info("uncached: %.3fs", baseline["latency_s"])
 
     def record(result: dict[str, Any], method: str, threshold: float, kind: str, baseline_s: float, cap: int = -1) -> None:

@@ -183,12 +183,17 @@ def _run_row(run: dict) -> list[str]:
         fmt_threshold(run.get("threshold")), _fmt(run.get("latency_s"), ".3f", " s"), fmt_speedup(run.get("speedup")),
         fmt_psnr(run.get("psnr_mean")), _fmt(run.get("ssim_mean"), ".4f"), _fmt(_run_rel_l2(run), ".4f"),
         "skipped" if lpips is None else f"{lpips:.4f}", _fmt(run.get("hit_ratio"), ".2f"),
-        _fmt(run.get("compute_fraction"), ".2f"),
+        _fmt(run.get("compute_fraction"), ".2f"), _fmt_mib(run.get("cache_state_bytes")), _fmt_mib(run.get("peak_memory_bytes")),
     ]
 
 
+def _fmt_mib(value: Any) -> str:
+    value = _num(value)
+    return _MISSING if value is None else f"{value / 2**20:.1f}"
+
+
 RUN_COLUMNS = ["Run", "Method", "Kind", "Threshold", "Latency", "Speed-up", "PSNR (dB)", "SSIM", "Rel. L2 (latents)",
-               "LPIPS", "Hit ratio", "Compute fraction"]
+               "LPIPS", "Hit ratio", "Compute fraction", "Cache state (MiB)", "Peak memory (MiB)"]
 
 
 def _best_cell(run: Optional[dict]) -> str:

@@ -32,6 +32,7 @@ from xfuser import xFuserFastCachePipelineWrapper  # noqa: E402
 from xfuser.config import CacheConfig  # noqa: E402
 from xfuser.logger import init_logger  # noqa: E402
 from xfuser.metrics import psnr, relative_l2, ssim  # noqa: E402
+from xfuser.memory import peak_memory, reset_peak_memory  # noqa: E402
 from xfuser.timing import model_device, timed  # noqa: E402
 from xfuser.model_executor.pipelines.call_args import accepts, prepare_call_kwargs  # noqa: E402
 from xfuser.model_executor.pipelines.model_types import call_defaults, load_pipeline, resolve_model, video_model_types  # noqa: E402
@@ -99,10 +100,13 @@ class VideoBench:
         if accepts(self.pipe, "callback_on_step_end"):
             kwargs.update(callback_on_step_end=self._keep_latents, callback_on_step_end_tensor_inputs=["latents"])
         self._latents = None
+        device = model_device(self.pipe)
+        reset_peak_memory(device)
         out, seconds = timed(lambda: self.wrapper(
             prompt=self.args.prompt, num_inference_steps=self.args.num_inference_steps,
             generator=torch.Generator().manual_seed(self.args.seed), output_type="np", **kwargs,
-        ), model_device(self.pipe))
+        ), device)
+        self.last_peak = peak_memory(device)  # includes the decode: a video VAE's peak is part of the job
         return np.asarray(out.frames[0]), self._latents, seconds
 
     def latency(self) -> tuple[float, np.ndarray, torch.Tensor | None]:
@@ -142,7 +146,8 @@ def main(argv: list[str] | None = None, extra_call: dict[str, Any] | None = None
         "num_inference_steps": args.num_inference_steps,
         "height": int(ref_frames.shape[1]), "width": int(ref_frames.shape[2]), "num_frames": int(ref_frames.shape[0]),
         "cases": [[args.prompt, args.seed]],
-        "baseline": {"latency_s": baseline_s, "latency_per_case_s": [baseline_s], "images": [bench.save("None", ref_frames)]},
+        "baseline": {"latency_s": baseline_s, "latency_per_case_s": [baseline_s], "images": [bench.save("None", ref_frames)],
+                     "peak_memory_bytes": bench.last_peak.bytes, "peak_memory_kind": bench.last_peak.kind},
         "overhead": {}, "runs": [], "skipped": [],
         "lpips": {"available": False, "reason": "skipped: not computed for videos"},
     }
@@ -166,6 +171,8 @@ def main(argv: list[str] | None = None, extra_call: dict[str, Any] | None = None
                 "psnr_mean": psnr_mean, "ssim_mean": statistics.mean(frame_ssim), "lpips": None, "lpips_mean": None,
                 "psnr_per_frame": frame_psnr, "ssim_per_frame": frame_ssim,
                 "hit_ratio": stats["hit_ratio"], "compute_fraction": stats["compute_fraction"], "stats": stats,
+                "peak_memory_bytes": bench.last_peak.bytes, "peak_memory_kind": bench.last_peak.kind,
+                "cache_state_bytes": stats["cache_state_bytes"]["total"],
                 "images": [bench.save(name, frames)],
             }
             (out_dir / f"{name}_stats.json").write_text(json.dumps(stats, indent=2))

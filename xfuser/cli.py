@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from xfuser.config import EngineConfig, xFuserArgs
 from xfuser.logger import init_logger
@@ -71,8 +70,8 @@ def run_example(
             stats_path = out_dir / f"{name}_stats.json"
             stats_path.write_text(json.dumps(stats, indent=2))
             report["stats_file"] = str(stats_path)
-        if torch.cuda.is_available():
-            report["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if runner.peak_memory is not None:  # the generation's high-water mark on this rank's device
+            report["peak_memory"] = runner.peak_memory.as_dict()
         if get_world_group().is_last_rank:
             logger.info("%s: latency %.2fs %s", name, runner.latency_s, json.dumps({k: v for k, v in report.items() if k not in ("model", "latency_s")}))
         return report

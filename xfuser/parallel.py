@@ -33,6 +33,7 @@ from xfuser.core.distributed import (
     model_parallel_is_initialized,
 )
 from xfuser.logger import init_logger
+from xfuser.memory import PeakMemory, peak_memory, reset_peak_memory
 from xfuser.model_executor.cache.manager import CacheManager
 from xfuser.model_executor.cache.sync import CoordinatorSync
 from xfuser.model_executor.layers.pipefusion_attention import PatchKVContext
@@ -41,7 +42,8 @@ from xfuser.model_executor.models.pipefusion import PatchPipeline, free_foreign_
 from xfuser.model_executor.models.sequence_parallel import SequenceShard, check_sequence_parallel
 from xfuser.model_executor.pipelines.call_args import accepts, prepare_call_kwargs
 from xfuser.model_executor.pipelines.fastcache_pipeline import check_method_supported
-from xfuser.timing import model_device, timed
+from xfuser.model_executor.pipelines.memory_options import check_memory_options, place_pipeline
+from xfuser.timing import timed
 
 logger = init_logger(__name__)
 
@@ -78,6 +80,19 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
             if input_config.guidance_scale is not None and input_config.guidance_scale <= 1.0:
                 raise ConfigError("--use_cfg_parallel needs --guidance_scale > 1")
         self._check_token_counts(adapter)
+        runtime = engine_config.runtime_config
+        if runtime.use_torch_compile:
+            from xfuser.model_executor.compile import check_compilable
+
+            check_compilable()
+        if p.sp_degree > 1:  # a kernel this device or dtype cannot run fails here, with the flag
+            from xfuser.core.attention.usp import set_attention_backend
+
+            dtype = next(transformer.parameters()).dtype
+            set_attention_backend(runtime.attention_backend, local_device(), p.ring_degree, dtype)
+        elif runtime.attention_backend != "auto":
+            logger.warning("--attention_backend %s applies to USP attention only; one SP rank uses diffusers' own attention",
+                           runtime.attention_backend)
 
         init_distributed_environment(timeout_s=engine_config.runtime_config.collective_timeout_s)
         if not model_parallel_is_initialized():
@@ -87,7 +102,8 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
                 timeout_s=engine_config.runtime_config.collective_timeout_s,
             )
         self.device = local_device()
-        pipe.to(self.device)
+        check_memory_options(pipe, runtime, self.device, p.use_parallel_vae)
+        place_pipeline(pipe, runtime, self.device)
         if not get_world_group().is_last_rank:
             pipe.set_progress_bar_config(disable=True)  # one progress bar per job, on the last rank
 
@@ -106,8 +122,13 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         self.enable_cache(engine_config.cache_config)
         if p.pp_degree > 1:  # once, after the cache path exists: each stage keeps only its own blocks
             free_foreign_blocks(self.manager, self.stages, get_pp_group().rank_in_group)
+        if runtime.use_torch_compile:  # after the cache path: CachedBlock wrappers stay eager
+            from xfuser.model_executor.compile import compile_blocks
+
+            compile_blocks(transformer, adapter)
         self.output = None
         self.latency_s: float | None = None
+        self.peak_memory: PeakMemory | None = None
 
     def _check_pipefusion(self, adapter) -> list[tuple[int, int]]:
         """PipeFusion errors a user can fix, raised before any compute; returns the stages."""
@@ -222,8 +243,11 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         kwargs = self.call_kwargs(**overrides)
         self.manager.reset(kwargs["num_inference_steps"])
         scheduler_hold = self._begin_patch_generation(kwargs) if self.manager.patch_pipeline is not None else nullcontext()
+        reset_peak_memory(self.device)
         with scheduler_hold:
-            self.output, self.latency_s = timed(lambda: self.pipe(**kwargs), model_device(self.pipe))
+            # time on the rank's device, not the weights': under CPU offload they sit on the host
+            self.output, self.latency_s = timed(lambda: self.pipe(**kwargs), self.device)
+        self.peak_memory = peak_memory(self.device)
         if self.manager.debug_agreement:
             self.manager.sync.verify_same(self.manager.decision_log())
         if self.manager.patch_pipeline is not None:
@@ -245,7 +269,11 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         )
 
     def get_cache_statistics(self) -> dict[str, Any]:
-        return self.manager.statistics()
+        """The manager's statistics of the last call, plus this rank's peak memory during it."""
+        stats = self.manager.statistics()
+        if self.peak_memory is not None:
+            stats["peak_memory"] = self.peak_memory.as_dict()
+        return stats
 
     @property
     def is_output_rank(self) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from xfuser.config.config import (
     APPROXIMATIONS,
+    ATTENTION_BACKENDS,
     CACHE_METHODS,
     DTYPES,
     CacheConfig,
@@ -60,7 +61,7 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
     """
 
     model: str = DEFAULT_MODEL
-    dtype: str = "float32"
+    dtype: str = "auto"
     height: int | None = None
     width: int | None = None
     num_frames: int | None = None
@@ -82,8 +83,15 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
     attn_layer_num_for_pp: list[int] | None = None
     use_parallel_vae: bool = False
     use_torch_compile: bool = False
+    attention_backend: str = "auto"
+    enable_tiling: bool = False
+    enable_slicing: bool = False
+    enable_model_cpu_offload: bool = False
+    enable_sequential_cpu_offload: bool = False
     collective_timeout: float = 300.0
-    cache_method: str = "Fast"
+    cache_method: str | None = None  # None: Fast, unless --use_teacache / --use_fbcache
+    use_teacache: bool = False
+    use_fbcache: bool = False
     cache_ratio_threshold: float = 0.05
     motion_threshold: float = 0.1
     significance_level: float = 0.05
@@ -98,7 +106,8 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         g = parser.add_argument_group("model and input")
         _add(g, "model", default=DEFAULT_MODEL, help="diffusers model dir or hub id (default: the embedded trained model)")
-        _add(g, "dtype", default="float32", choices=DTYPES, help="weights/compute dtype (float32)")
+        _add(g, "dtype", default="auto", choices=DTYPES,
+             help="weights/compute dtype; auto = float32 on CPU, the checkpoint's half precision or bfloat16 on a GPU (auto)")
         _add(g, "height", type=int, default=None, help="image height in pixels (default: model's native size)")
         _add(g, "width", type=int, default=None, help="image width in pixels (default: model's native size)")
         _add(g, "num_frames", type=int, default=None, help="frames (video models)")
@@ -121,10 +130,22 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
         _add(p, "num_pipeline_patch", type=int, default=None, help="PipeFusion patches (default: the degree)")
         _add(p, "attn_layer_num_for_pp", type=int, nargs="+", default=None, help="blocks per PipeFusion stage")
         _add(p, "use_parallel_vae", action="store_true", help="patch-parallel VAE decode (distvae)")
-        _add(p, "use_torch_compile", action="store_true", help="torch.compile the transformer")
+        _add(p, "use_torch_compile", action="store_true",
+             help="torch.compile each transformer block once (regional compilation; cache decisions and SP exchanges stay eager)")
+        _add(p, "attention_backend", default="auto", choices=ATTENTION_BACKENDS,
+             help="USP attention kernel: auto = flash-attn on CUDA when installed, else torch SDPA; cpu on CPU (auto)")
+        m = parser.add_argument_group("memory")
+        _add(m, "enable_tiling", action="store_true", help="decode the latents in VAE tiles (diffusers' vae.enable_tiling)")
+        _add(m, "enable_slicing", action="store_true", help="decode one sample at a time (diffusers' vae.enable_slicing)")
+        _add(m, "enable_model_cpu_offload", action="store_true",
+             help="keep each model on the CPU until it runs (diffusers' enable_model_cpu_offload; one process only)")
+        _add(m, "enable_sequential_cpu_offload", action="store_true",
+             help="stream every submodule to the GPU as it runs: least memory, slowest (one process only)")
         _add(p, "collective_timeout", type=float, default=300.0, help="seconds before a stuck collective raises (300)")
         c = parser.add_argument_group("caching")
-        _add(c, "cache_method", default="Fast", choices=CACHE_METHODS, help="cache method (Fast)")
+        _add(c, "cache_method", default=None, choices=CACHE_METHODS, help="cache method (Fast)")
+        _add(c, "use_teacache", action="store_true", help="xDiT's spelling of --cache_method Tea")
+        _add(c, "use_fbcache", action="store_true", help="xDiT's spelling of --cache_method Fb")
         _add(c, "cache_ratio_threshold", type=float, default=0.05, help="main threshold of every method; larger skips more (0.05)")
         _add(c, "motion_threshold", type=float, default=0.1, help="FastCache static-token threshold; 0 disables (0.1)")
         _add(c, "significance_level", type=float, default=0.05, help="FastCache χ² test α; smaller skips more (0.05)")
@@ -145,9 +166,34 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in vars(ns).items() if k in names})
 
+    def resolved_cache_method(self) -> str:
+        """``--cache_method``, or the method xDiT's ``--use_teacache`` / ``--use_fbcache`` name
+        (an explicit, different ``--cache_method`` beside them is a contradiction, not a choice)."""
+        aliases = [m for flag, m in (("use_teacache", "Tea"), ("use_fbcache", "Fb")) if getattr(self, flag)]
+        if len(aliases) > 1:
+            raise ConfigError("--use_teacache and --use_fbcache name different cache methods; give one of them")
+        if not aliases:
+            return "Fast" if self.cache_method is None else self.cache_method
+        if self.cache_method is not None and str(self.cache_method).lower() != aliases[0].lower():
+            flag = "--use_teacache" if aliases[0] == "Tea" else "--use_fbcache"
+            raise ConfigError(f"{flag} means --cache_method {aliases[0]}, but --cache_method {self.cache_method} was given; drop one")
+        return aliases[0]
+
+    def cpu_offload(self) -> str:
+        if self.enable_model_cpu_offload and self.enable_sequential_cpu_offload:
+            raise ConfigError("--enable_model_cpu_offload and --enable_sequential_cpu_offload exclude each other; give one")
+        return "model" if self.enable_model_cpu_offload else "sequential" if self.enable_sequential_cpu_offload else "none"
+
     def create_config(self, world_size: int | None = None) -> tuple[EngineConfig, InputConfig]:
         """Validate everything and build the configs (no model is touched)."""
         world_size = _resolve_world_size(world_size)
+        cache_method = self.resolved_cache_method()
+        cpu_offload = self.cpu_offload()
+        if cpu_offload != "none" and world_size > 1:
+            raise ConfigError(
+                f"--enable_{cpu_offload}_cpu_offload moves models between the CPU and one GPU and cannot be combined with "
+                f"{world_size} processes; drop the flag or run one process"
+            )
         tea = None
         if self.tea_coefficients:
             from xfuser.model_executor.cache.calibrate import load_coefficients
@@ -173,12 +219,16 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
                 warmup_steps=self.warmup_steps,
                 pipefusion_step_overlap=not self.pipefusion_sync_steps,
                 use_torch_compile=self.use_torch_compile,
+                attention_backend=self.attention_backend,
+                vae_tiling=self.enable_tiling,
+                vae_slicing=self.enable_slicing,
+                cpu_offload=cpu_offload,
                 collective_timeout_s=self.collective_timeout,
                 debug_cache_agreement=self.debug_cache_agreement,
             ),
             parallel_config=parallel,
             cache_config=CacheConfig(
-                method=self.cache_method,
+                method=cache_method,
                 cache_ratio_threshold=self.cache_ratio_threshold,
                 motion_threshold=self.motion_threshold,
                 significance_level=self.significance_level,
@@ -191,7 +241,7 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
             ),
         )
         inputs = InputConfig(
-            prompt=list(self.prompt),
+            prompt=[self.prompt] if isinstance(self.prompt, str) else list(self.prompt),
             negative_prompt=self.negative_prompt,
             height=self.height,
             width=self.width,

@@ -10,7 +10,12 @@ from dataclasses import dataclass, field
 
 CACHE_METHODS = ("None", "Fast", "Fb", "Tea")
 APPROXIMATIONS = ("learned", "extrapolate", "reuse", "fitted", "auto")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: USP attention kernels (``auto``: flash-attn on CUDA when installed, else torch SDPA; the CPU
+#: flash kernel on CPU); see xfuser/core/attention/kernels.py
+ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "cpu")
+#: diffusers' CPU offload modes (``--enable_model_cpu_offload`` / ``--enable_sequential_cpu_offload``)
+CPU_OFFLOAD = ("none", "model", "sequential")
 
 
 class ConfigError(ValueError):
@@ -43,16 +48,19 @@ def normalise_method(method) -> str:
 
 @dataclass
 class ModelConfig:
-    """``model``: a diffusers directory or hub id. ``dtype``: weights/compute dtype (float32)."""
+    """``model``: a diffusers directory or hub id. ``dtype``: weights/compute dtype; ``auto``
+    (the default) is float32 on CPU and, on an accelerator, the checkpoint's own half
+    precision (float16/bfloat16) or else bfloat16 (see :func:`xfuser.config.dtype.resolve_dtype`)."""
 
     model: str
-    dtype: str = "float32"
+    dtype: str = "auto"
 
     @property
     def torch_dtype(self):
-        import torch  # lazy: validating a config should not import torch
+        """The dtype to load with, ``auto`` resolved for the device this process computes on."""
+        from xfuser.config.dtype import resolve_dtype  # lazy: validating a config should not import torch
 
-        return getattr(torch, self.dtype)
+        return resolve_dtype(self.dtype, self.model)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -132,16 +140,29 @@ class RuntimeConfig:
     that all ranks of a forward took identical cache decisions (off; costs one gather/step).
     pipefusion_step_overlap: PipeFusion's stage 0 starts step t+1 on a patch as soon as the
     last stage has stepped it, so the pipeline fills once per generation instead of once per
-    step (on; off = ``--pipefusion_sync_steps``, same numerics, one bubble per step)."""
+    step (on; off = ``--pipefusion_sync_steps``, same numerics, one bubble per step).
+    attention_backend: USP attention kernel, one of ``ATTENTION_BACKENDS`` (auto).
+    vae_tiling / vae_slicing: diffusers' tiled / per-sample VAE decode (off).
+    cpu_offload: ``none`` | ``model`` | ``sequential``, diffusers' CPU offload (none)."""
 
     warmup_steps: int = 1
     use_torch_compile: bool = False
     collective_timeout_s: float = 300.0
     debug_cache_agreement: bool = False
     pipefusion_step_overlap: bool = True
+    attention_backend: str = "auto"
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    cpu_offload: str = "none"
 
     def __post_init__(self) -> None:
         _positive_int(self.warmup_steps, "--warmup_steps", minimum=0)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"--attention_backend {self.attention_backend!r} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.cpu_offload not in CPU_OFFLOAD:
+            raise ConfigError(f"cpu_offload {self.cpu_offload!r} is unknown; choose one of {', '.join(CPU_OFFLOAD)}")
         t = _finite_nonneg(self.collective_timeout_s, "--collective_timeout")
         if t == 0:
             raise ConfigError("--collective_timeout must be > 0 seconds")

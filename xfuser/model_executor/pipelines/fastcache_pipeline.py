@@ -16,9 +16,11 @@ from typing import Any
 
 from xfuser.config.config import CacheConfig, ConfigError
 from xfuser.logger import init_logger
+from xfuser.memory import PeakMemory, peak_memory, reset_peak_memory
 from xfuser.model_executor.cache.adapters.base import BlockAdapter, adapter_for
 from xfuser.model_executor.cache.manager import CacheManager
 from xfuser.model_executor.cache.sync import SyncGroup
+from xfuser.timing import model_device
 
 logger = init_logger(__name__)
 
@@ -57,6 +59,7 @@ class xFuserFastCachePipelineWrapper:  # noqa: N801 - public name fixed by the s
         self.sync = sync
         self.manager: CacheManager | None = None
         self.cache_config: CacheConfig | None = None
+        self.peak_memory: PeakMemory | None = None
 
     # ------------------------------------------------------------------ enabling
     def enable_fastcache(
@@ -98,14 +101,23 @@ class xFuserFastCachePipelineWrapper:  # noqa: N801 - public name fixed by the s
         if self.manager is not None:
             steps = kwargs.get("num_inference_steps", default_num_steps(self.pipe))
             self.manager.reset(steps)
+        device = model_device(self.pipe)
+        reset_peak_memory(device)
         result = self.pipe(*args, **kwargs)
+        self.peak_memory = peak_memory(device)
         if self.manager is not None and self.manager.debug_agreement:
             self.manager.sync.verify_same(self.manager.decision_log())
         return result
 
     def get_cache_statistics(self) -> dict[str, Any]:
-        """Plain-data statistics of the last call (empty dict when caching is off)."""
-        return self.manager.statistics() if self.manager is not None else {}
+        """Plain-data statistics of the last call, with its peak memory (empty dict when
+        caching is off)."""
+        if self.manager is None:
+            return {}
+        stats = self.manager.statistics()
+        if self.peak_memory is not None:
+            stats["peak_memory"] = self.peak_memory.as_dict()
+        return stats
 
     def __getattr__(self, name: str) -> Any:
         if name == "pipe":  # during unpickling / before __init__
