@@ -8,12 +8,9 @@ import torch
 
 from xfuser.testing.multiprocess import run_on_ranks
 
-METHODS = {
-    "None": dict(cache_method="None"),
-    "Fb": dict(cache_method="Fb", cache_ratio_threshold=0.6),
-    "Tea": dict(cache_method="Tea", cache_ratio_threshold=0.8),
-    "Fast": dict(cache_method="Fast", cache_ratio_threshold=0.5, motion_threshold=0.5),
-}
+from test_parallel_equivalence import METHODS as _EQUIVALENCE_METHODS  # noqa: E402 - one table of tiny-model thresholds
+
+METHODS = {k: _EQUIVALENCE_METHODS[k] for k in ("None", "Fb", "Tea", "Fast")}
 STEPS = 5
 MODEL = "pixart-sigma"
 
