@@ -66,6 +66,8 @@ def test_two_identical_calls_give_identical_images_and_fresh_statistics():
     second = _call(wrapper, "pixart-sigma", steps=6)
     stats2 = wrapper.get_cache_statistics()
     assert torch.equal(first, second)
+    # everything but the measured peak memory (the process's RSS moves by a page or two)
+    stats1.pop("peak_memory"), stats2.pop("peak_memory")
     assert stats1 == stats2 and stats2["num_steps"] == 6
     # a shorter call after a longer one: statistics describe only the last call
     _call(wrapper, "pixart-sigma", steps=3)

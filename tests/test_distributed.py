@@ -167,6 +167,7 @@ def _one_run(rank: int, world_size: int) -> float:
     return total
 
 
+@pytest.mark.slow  # 2 min: the 20 repeats; test_every_collective_on_gloo covers one clean teardown
 def test_teardown_clean_in_20_repeated_4_rank_runs() -> None:
     codes = []
     for _ in range(20):

@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import gpu_check  # noqa: E402
+
+# the CPU smoke run of tools/gpu_check.sh takes ~25-70 s: in the slow suite (.ci/run runs it)
+pytestmark = pytest.mark.slow
 from gpu_check_page import DOCS_PAGE, placeholder, render  # noqa: E402
 
 SMOKE_TIMEOUT_S = 300  # about 25-60 s on 2 cores (cold inductor cache: the compile sections dominate)

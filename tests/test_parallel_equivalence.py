@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from xfuser.seeding import sample_generators
 from xfuser.testing.multiprocess import run_on_ranks
 
 METHODS = {
@@ -75,11 +76,13 @@ def _parallel_worker(rank: int, world: int, model_type: str, parallel: dict, cal
             runner.inputs = inputs
             runner.enable_cache(engine.cache_config)
         out = runner(**{k: v for k, v in extra.items() if k not in ("height", "width", "guidance_scale", "max_sequence_length")})
-        results[name] = {"latents": _latents(out), "log": runner.manager.decision_log(), "prompts": runner.local_prompts()}
+        first = runner.inputs.prompt.index(runner.local_prompts()[0])
+        results[name] = {"latents": _latents(out), "log": runner.manager.decision_log(), "prompts": runner.local_prompts(), "first": first}
     return results
 
 
-def _single_process(model_type: str, prompts, parallel: dict, calibration: str) -> dict:
+def _single_process(model_type: str, prompts, first: int, calibration: str) -> dict:
+    """The wrapper in one process on ``prompts``, image i seeded as the runner seeds index first + i."""
     from xfuser import xFuserFastCachePipelineWrapper
     from xfuser.model_executor.pipelines.call_args import prepare_call_kwargs
     from xfuser.testing.tiny_pipelines import build_tiny_pipeline
@@ -96,7 +99,7 @@ def _single_process(model_type: str, prompts, parallel: dict, calibration: str) 
         kwargs.update({k: v for k, v in extra.items() if k not in ("height", "width")})
         result = wrapper(
             prompt=prompts, num_inference_steps=STEPS, output_type="latent",
-            generator=torch.Generator().manual_seed(7), **kwargs,
+            generator=sample_generators(7, len(prompts), first), **kwargs,
         )
         out[name] = {"latents": _latents(result), "log": wrapper.manager.decision_log()}
     return out
@@ -139,7 +142,7 @@ def test_parallel_output_equals_single_process_for_every_method(model_type, para
         prompts = results["None"]["prompts"]
         key = tuple(prompts)
         if key not in references:
-            references[key] = _single_process(model_type, prompts, parallel, calibration)
+            references[key] = _single_process(model_type, prompts, results["None"]["first"], calibration)
         ref = references[key]
         for name in _methods(calibration):
             got, want = results[name], ref[name]

@@ -17,8 +17,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from xfuser.config.config import ConfigError, EngineConfig, InputConfig
 from xfuser.core.distributed import (
     get_cfg_group,
@@ -34,15 +32,18 @@ from xfuser.core.distributed import (
 )
 from xfuser.logger import init_logger
 from xfuser.memory import PeakMemory, peak_memory, reset_peak_memory
-from xfuser.model_executor.cache.manager import CacheManager
+from xfuser.model_executor.cache.manager import CacheManager, check_installable
 from xfuser.model_executor.cache.sync import CoordinatorSync
 from xfuser.model_executor.layers.pipefusion_attention import PatchKVContext
 from xfuser.model_executor.models.cfg_parallel import CFGSplit
 from xfuser.model_executor.models.pipefusion import PatchPipeline, free_foreign_blocks, stage_ranges
 from xfuser.model_executor.models.sequence_parallel import SequenceShard, check_sequence_parallel
-from xfuser.model_executor.pipelines.call_args import accepts, prepare_call_kwargs
+from xfuser.model_executor.pipelines.call_args import (
+    accepts, prepare_call_kwargs, requested_samples, schedule_length_of, scheduled_steps,
+)
 from xfuser.model_executor.pipelines.fastcache_pipeline import check_method_supported
 from xfuser.model_executor.pipelines.memory_options import check_memory_options, place_pipeline
+from xfuser.seeding import sample_generators
 from xfuser.timing import timed
 
 logger = init_logger(__name__)
@@ -52,6 +53,24 @@ def _call_default(pipe, name: str) -> Any:
 
     param = inspect.signature(type(pipe).__call__).parameters.get(name)
     return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def snapshot_attention(transformer) -> list[tuple[Any, str, Any]]:
+    """Every attention module's processor (diffusers) or core (StepVideo), to restore later."""
+    out = []
+    for module in transformer.modules():
+        for attr in ("processor", "attention_core"):
+            if hasattr(module, attr):
+                out.append((module, attr, getattr(module, attr)))
+    return out
+
+
+def restore_attention(snapshot: list[tuple[Any, str, Any]]) -> None:
+    for module, attr, value in snapshot:
+        if attr == "processor" and hasattr(module, "set_processor"):
+            module.set_processor(value)
+        else:
+            setattr(module, attr, value)
 
 
 def _has_cfg(pipe) -> bool:
@@ -70,6 +89,7 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
                 "(PipeFusion stages are not used for it)"
             )
         transformer = pipe.transformer
+        check_installable(transformer)
         adapter = check_method_supported(transformer, engine_config.cache_config)
         if p.sp_degree > 1:
             check_sequence_parallel(adapter, transformer, p.ulysses_degree)
@@ -107,6 +127,9 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         if not get_world_group().is_last_rank:
             pipe.set_progress_bar_config(disable=True)  # one progress bar per job, on the last rank
 
+        self._closed = False
+        self._attention = snapshot_attention(transformer)  # what close() restores
+        self._vae_decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
         if p.use_parallel_vae:
             self._parallelize_vae()
         self.adapter = adapter
@@ -141,6 +164,13 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         if self.engine.runtime_config.warmup_steps < 1:
             raise ConfigError("--warmup_steps must be >= 1 with PipeFusion: the first full-image step fills the stale K/V buffers")
         stages = stage_ranges(len(adapter.blocks(pipe.transformer)), p.pp_degree, p.attn_layer_num_for_pp)
+        per_replica = len(self.inputs.prompt) // p.dp_degree
+        if self.engine.cache_config.enabled and per_replica > 1:
+            raise ConfigError(
+                f"--cache_method {self.engine.cache_config.method} under PipeFusion takes one prompt per replica, got "
+                f"{per_replica}: per-image cache decisions are not implemented for the patch pipeline; raise "
+                "--data_parallel_degree to one prompt per replica, or use --cache_method None"
+            )
         kwargs = prepare_call_kwargs(pipe, self.inputs.height, self.inputs.width)
         if "height" in kwargs and "width" in kwargs:
             scale = getattr(pipe, "vae_scale_factor", 8)
@@ -200,7 +230,8 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         check_method_supported(transformer, cache_config)
         if self.manager is not None:
             self.manager.uninstall()
-        self.manager = CacheManager(transformer, cache_config, sync=self.sync, adapter=self.adapter).install()
+        self.manager = CacheManager(transformer, cache_config, sync=self.sync, adapter=self.adapter,
+                                    schedule_length=schedule_length_of(self.pipe)).install(freed_ok=True)
         p = self.engine.parallel_config
         if p.pp_degree > 1:
             pp = get_pp_group()
@@ -213,11 +244,16 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
             self.manager.sequence_shard = SequenceShard(self.adapter, get_sp_group(), self.manager.num_blocks)
 
     # ------------------------------------------------------------------ running
-    def local_prompts(self) -> list[str]:
-        """This replica's share of the prompts (data parallel)."""
+    def _local_range(self) -> tuple[int, int]:
+        """[first, end) of this replica's prompts in the request (data parallel)."""
         dp = get_dp_group()
         per = len(self.inputs.prompt) // dp.world_size
-        return self.inputs.prompt[dp.rank_in_group * per:(dp.rank_in_group + 1) * per]
+        return dp.rank_in_group * per, (dp.rank_in_group + 1) * per
+
+    def local_prompts(self) -> list[str]:
+        """This replica's share of the prompts (data parallel)."""
+        first, end = self._local_range()
+        return self.inputs.prompt[first:end]
 
     def call_kwargs(self, **overrides: Any) -> dict[str, Any]:
         inputs = self.inputs
@@ -235,13 +271,17 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
             kwargs["negative_prompt"] = inputs.negative_prompt
         kwargs.update(overrides)
         if "generator" not in kwargs:
-            # same seed on every rank of a replica: identical initial latents; replicas differ by prompt
-            kwargs["generator"] = torch.Generator(device="cpu").manual_seed(self.inputs.seed)
+            # one generator per image, seeded by its index in the whole request (xfuser/seeding.py):
+            # identical latents on every rank of a replica, and an image that depends only on
+            # (prompt, seed, index) -- not on its batch-mates or the data-parallel degree
+            first, end = self._local_range()
+            per_prompt = int(kwargs.get("num_images_per_prompt") or 1)
+            kwargs["generator"] = sample_generators(self.inputs.seed, end - first, first, per_prompt)
         return kwargs
 
     def __call__(self, **overrides: Any):
         kwargs = self.call_kwargs(**overrides)
-        self.manager.reset(kwargs["num_inference_steps"])
+        self.manager.reset(scheduled_steps(self.pipe, (), kwargs), requested_samples(self.pipe, (), kwargs))
         scheduler_hold = self._begin_patch_generation(kwargs) if self.manager.patch_pipeline is not None else nullcontext()
         reset_peak_memory(self.device)
         with scheduler_hold:
@@ -267,6 +307,30 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
             pipe.scheduler, scale, do_cfg, get_cfg_group(), step_kwargs,
             guidance_rescale=kwargs.get("guidance_rescale", _call_default(pipe, "guidance_rescale") or 0.0),
         )
+
+    def close(self) -> None:
+        """Undo what this runner installed on the pipeline: the cache blocks, the CFG hooks, the
+        USP/PipeFusion attention processors and the parallel VAE decoder, so another runner or
+        wrapper may take the pipeline (process groups stay: they belong to the process, see
+        ``destroy_distributed_environment``). After PipeFusion the other stages' blocks were
+        freed, so that pipeline must be reloaded before anything else runs it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.manager is not None:
+            self.manager.uninstall()
+        if self.cfg_split is not None:
+            self.cfg_split.remove()
+        restore_attention(self._attention)
+        vae = getattr(self.pipe, "vae", None)
+        if self._vae_decoder is not None and vae is not None:
+            vae.decoder = self._vae_decoder
+
+    def __enter__(self) -> "xDiTParallel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def get_cache_statistics(self) -> dict[str, Any]:
         """The manager's statistics of the last call, plus this rank's peak memory during it."""

@@ -88,7 +88,7 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
     enable_slicing: bool = False
     enable_model_cpu_offload: bool = False
     enable_sequential_cpu_offload: bool = False
-    collective_timeout: float = 300.0
+    collective_timeout: float = 120.0
     cache_method: str | None = None  # None: Fast, unless --use_teacache / --use_fbcache
     use_teacache: bool = False
     use_fbcache: bool = False
@@ -141,7 +141,9 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
              help="keep each model on the CPU until it runs (diffusers' enable_model_cpu_offload; one process only)")
         _add(m, "enable_sequential_cpu_offload", action="store_true",
              help="stream every submodule to the GPU as it runs: least memory, slowest (one process only)")
-        _add(p, "collective_timeout", type=float, default=300.0, help="seconds before a stuck collective raises (300)")
+        _add(p, "collective_timeout", type=float, default=120.0,
+             help="seconds a collective may wait for its peers before the run ends naming the group, operation and "
+                  "peers (120; start-up, while peers load the model, may wait 600: XFUSER_STARTUP_TIMEOUT)")
         c = parser.add_argument_group("caching")
         _add(c, "cache_method", default=None, choices=CACHE_METHODS, help="cache method (Fast)")
         _add(c, "use_teacache", action="store_true", help="xDiT's spelling of --cache_method Tea")

@@ -136,7 +136,9 @@ class ParallelConfig:
 class RuntimeConfig:
     """warmup_steps: synchronous full-image steps before PipeFusion's patch pipeline (1).
     use_torch_compile: compile the transformer (off). collective_timeout_s: seconds any
-    collective may wait before raising (300). debug_cache_agreement: check after every step
+    collective may wait for its peers before raising (120: a stuck job ends in 2 minutes, yet a
+    PipeFusion stage may wait that long for earlier stages compiling their first step; the
+    start-up, where a peer may still be loading its model, waits up to 600). debug_cache_agreement: check after every step
     that all ranks of a forward took identical cache decisions (off; costs one gather/step).
     pipefusion_step_overlap: PipeFusion's stage 0 starts step t+1 on a patch as soon as the
     last stage has stepped it, so the pipeline fills once per generation instead of once per
@@ -147,7 +149,7 @@ class RuntimeConfig:
 
     warmup_steps: int = 1
     use_torch_compile: bool = False
-    collective_timeout_s: float = 300.0
+    collective_timeout_s: float = 120.0
     debug_cache_agreement: bool = False
     pipefusion_step_overlap: bool = True
     attention_backend: str = "auto"

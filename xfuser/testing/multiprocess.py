@@ -8,6 +8,7 @@ that). Results travel through files, not shared-memory queues, so they outlive t
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection  # noqa: F401  (mp.connection.wait)
 import os
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,19 @@ class RankRun:
     results: list[Any]
     exitcodes: list[int]
     wall_s: float
+    #: per rank: seconds from the start until its process ended (None: still running at the deadline, killed)
+    exit_s: list[float | None] = field(default_factory=list)
+    #: per rank: the traceback of what it raised ("" when it returned)
+    errors: list[str] = field(default_factory=list)
+    #: ranks still running at the deadline (killed), process ids, and the rendezvous port
+    stuck: list[int] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+    port: int = 0
+    #: ``time.time()`` at the start, to compare ``exit_s`` with times the ranks record themselves
+    started_at: float = 0.0
 
 
-def _child(fn, rank, world_size, port, out_dir, args, kwargs, collective_timeout_s, env) -> None:
+def _child(fn, rank, world_size, port, out_dir, args, kwargs, collective_timeout_s, env, startup_timeout_s=None) -> None:
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
@@ -57,7 +68,7 @@ def _child(fn, rank, world_size, port, out_dir, args, kwargs, collective_timeout
 
     out = Path(out_dir) / f"rank{rank}.pt"
     try:
-        init_distributed_environment(backend="gloo", timeout_s=collective_timeout_s)
+        init_distributed_environment(backend="gloo", timeout_s=collective_timeout_s, startup_timeout_s=startup_timeout_s)
         result = fn(rank, world_size, *args, **kwargs)
         torch.save({"ok": True, "result": result}, out)
     except BaseException:  # noqa: BLE001 - reported to the parent, then re-raised
@@ -84,6 +95,8 @@ def run_on_ranks(
     collective_timeout_s: float = 60.0,
     env: dict[str, str] | None = None,
     check_exitcodes: bool = True,
+    startup_timeout_s: float | None = None,
+    allow_failures: bool = False,
     **kwargs: Any,
 ) -> RankRun:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks.
@@ -91,6 +104,10 @@ def run_on_ranks(
     ``fn`` must be importable by name (a module-level function). The process group is
     initialised before ``fn`` runs and torn down after. Raises :class:`RankFailed` with the
     failing rank's traceback, or when the whole run exceeds ``timeout_s``.
+    ``startup_timeout_s`` is passed to ``init_distributed_environment`` (None: its default).
+    With ``allow_failures`` nothing is raised: fault tests read each rank's outcome from the
+    returned run (``results[r]`` is None for a rank that raised, died or was killed; see
+    ``errors``, ``exitcodes``, ``exit_s`` and ``stuck``).
     """
     ctx = _context()
     port = free_port()
@@ -100,17 +117,27 @@ def run_on_ranks(
         procs = [
             ctx.Process(
                 target=_child,
-                args=(fn, rank, world_size, port, out_dir, args, kwargs, collective_timeout_s, child_env),
+                args=(fn, rank, world_size, port, out_dir, args, kwargs, collective_timeout_s, child_env,
+                      startup_timeout_s),
                 daemon=False,
             )
             for rank in range(world_size)
         ]
+        started_at = time.time()
         start = time.monotonic()
         for p in procs:
             p.start()
         deadline = start + timeout_s
+        exit_s: list[float | None] = [None] * world_size
+        pending = {p.sentinel: r for r, p in enumerate(procs)}
+        while pending:  # wake as each rank ends, to record when it did
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for sentinel in mp.connection.wait(list(pending), timeout=left):
+                exit_s[pending.pop(sentinel)] = time.monotonic() - start
         for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
+            p.join(max(0.0, min(1.0, deadline - time.monotonic())))
         wall = time.monotonic() - start
         stuck = [r for r, p in enumerate(procs) if p.is_alive()]
         for p in procs:
@@ -121,18 +148,26 @@ def run_on_ranks(
         for rank in range(world_size):
             path = Path(out_dir) / f"rank{rank}.pt"
             records[rank] = torch.load(path, weights_only=False) if path.exists() else None
+        exitcodes = [p.exitcode for p in procs]
+        if allow_failures:
+            return RankRun(
+                [rec["result"] if rec and rec["ok"] else None for rec in records.values()], exitcodes, wall,
+                exit_s=exit_s, errors=[rec["error"] if rec and not rec["ok"] else "" for rec in records.values()],
+                stuck=stuck, pids=[p.pid for p in procs], port=port, started_at=started_at,
+            )
         errors = [f"rank {r}:\n{rec['error']}" for r, rec in records.items() if rec and not rec["ok"]]
         if errors:
             raise RankFailed("\n".join(errors))
         if stuck:
             raise RankFailed(f"ranks {stuck} still running after {timeout_s:.0f}s; killed")
-        exitcodes = [p.exitcode for p in procs]
         missing = [r for r, rec in records.items() if rec is None]
         if missing:
             raise RankFailed(f"ranks {missing} produced no result (exit codes {exitcodes})")
         if check_exitcodes and any(code != 0 for code in exitcodes):
             raise RankFailed(f"ranks returned correct results but exited with codes {exitcodes}")
-        return RankRun([records[r]["result"] for r in range(world_size)], exitcodes, wall)
+        return RankRun([records[r]["result"] for r in range(world_size)], exitcodes, wall, exit_s=exit_s,
+                       errors=[""] * world_size, stuck=stuck, pids=[p.pid for p in procs], port=port,
+                       started_at=started_at)
 
 
 def run_torchrun(
@@ -141,12 +176,14 @@ def run_torchrun(
     timeout_s: float = 300.0,
     env: dict[str, str] | None = None,
     cwd: str | os.PathLike | None = None,
+    master_port: int | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``torchrun --nproc_per_node=N script args...`` on 127.0.0.1 with a deadline.
 
     Uses ``python -m torch.distributed.run`` so the current interpreter is used; raises
     ``subprocess.TimeoutExpired`` on timeout and returns the completed process otherwise
-    (the caller asserts on ``returncode``/output).
+    (the caller asserts on ``returncode``/output). ``master_port``: the rendezvous port (default:
+    a free one), for tests that check nothing listens on it afterwards.
     """
     cmd = [
         sys.executable,
@@ -154,7 +191,7 @@ def run_torchrun(
         "torch.distributed.run",
         f"--nproc_per_node={nproc_per_node}",
         "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
+        f"--master_port={master_port or free_port()}",
         *script_and_args,
     ]
     full_env = dict(os.environ)

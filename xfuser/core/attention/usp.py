@@ -8,8 +8,18 @@ the Ulysses exchange, which callers guarantee (see FastCache's padding).
 Under ``--use_torch_compile`` :func:`usp_attention` stays outside the compiled graphs: yunchang's
 all-to-all and ring P2P are collectives (with our timeout), and its Python-side bookkeeping
 would otherwise guard and recompile the block on every call.
+
+Yunchang calls ``torch.distributed`` itself on the groups we hand it, so those collectives
+are bounded by the groups' own backend timeout (set by ``initialize_model_parallel``), and a
+failure inside them comes back as the backend's raw error. :func:`usp_attention` turns it into
+``CollectiveTimeout`` / ``PeerLost`` naming the group (``ulysses`` for the all-to-all, ``ring``
+for the K/V passing, told apart by where in yunchang it was raised), the operation and the
+peer ranks, like every other collective of the package.
 """
 from __future__ import annotations
+
+import os
+import time
 
 import torch
 
@@ -101,7 +111,64 @@ def usp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
     if query.device.type == "cpu" and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"USP attention on CPU needs float32/bf16/fp16, got {dtype}")
     _count(query, key, value)
-    return _layer(query.device, dtype)(query, key, value, softmax_scale=scale, causal=False)
+    layer = _layer(query.device, dtype)
+    start = time.monotonic()
+    try:
+        return layer(query, key, value, softmax_scale=scale, causal=False)
+    except RuntimeError as exc:  # gloo: RuntimeError / DistBackendError from yunchang's collectives
+        error = _collective_failure(exc, time.monotonic() - start)
+        if error is None:
+            raise
+        logger.error("%s", error)
+        raise error from exc
+
+
+def _yunchang_phase(exc: BaseException) -> str | None:
+    """``"ulysses"`` when ``exc`` was raised inside yunchang's all-to-all, ``"ring"`` inside its
+    ring P2P, ``None`` when the traceback passes through neither (innermost yunchang frame wins)."""
+    phase = None
+    tb = exc.__traceback__
+    while tb is not None:
+        path = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if "/yunchang/comm/" in path:
+            phase = "ulysses"
+        elif "/yunchang/ring/" in path:
+            phase = "ring"
+        tb = tb.tb_next
+    return phase
+
+
+def _collective_failure(exc: BaseException, elapsed_s: float):
+    """The ``CollectiveTimeout``/``PeerLost`` for a backend error raised inside yunchang, or
+    ``None`` when ``exc`` is no communication failure (then it propagates unchanged)."""
+    import torch.distributed as dist
+    from yunchang.globals import PROCESS_GROUP
+
+    from xfuser.core.distributed import collective_error, collective_timeout_s
+
+    if not dist.is_initialized():
+        return None
+    groups = {"ulysses": PROCESS_GROUP.ULYSSES_PG, "ring": PROCESS_GROUP.RING_PG}
+    phase = _yunchang_phase(exc)
+    if phase is None:  # only one of them communicates: it is that one
+        live = [name for name, pg in groups.items() if pg is not None and _size(pg) > 1]
+        phase = live[0] if len(live) == 1 else None
+    me = dist.get_rank()
+    if phase is None:
+        name, op = "ulysses+ring", "USP attention (all_to_all / ring p2p)"
+        ranks = sorted({r for pg in groups.values() if pg is not None for r in dist.get_process_group_ranks(pg)})
+        peers = [r for r in ranks if r != me]
+    else:
+        name = phase
+        ranks = dist.get_process_group_ranks(groups[phase])
+        if phase == "ulysses":
+            op, peers = "all_to_all (yunchang Ulysses)", [r for r in ranks if r != me]
+        else:
+            i, n = ranks.index(me), len(ranks)
+            op = "ring p2p (yunchang K/V send/recv)"
+            peers = sorted({ranks[(i - 1) % n], ranks[(i + 1) % n]} - {me})
+    return collective_error(exc, group=name, op=op, ranks=ranks, peers=peers, global_rank=me,
+                            elapsed_s=elapsed_s, timeout_s=collective_timeout_s())
 
 
 def reset_usp_layers() -> None:

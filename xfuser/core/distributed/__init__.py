@@ -1,12 +1,21 @@
 """Distributed core: process groups, their coordinators and teardown."""
-from xfuser.core.distributed.group_coordinator import CollectiveTimeout, GroupCoordinator
+from xfuser.core.distributed.group_coordinator import (
+    DEFAULT_COLLECTIVE_TIMEOUT_S,
+    DEFAULT_STARTUP_TIMEOUT_S,
+    CollectiveTimeout,
+    GroupCoordinator,
+    PeerLost,
+    collective_error,
+)
 from xfuser.core.distributed.parallel_state import (
     GROUP_KINDS,
     RankLayout,
     all_coordinators,
+    collective_timeout_s,
     default_backend,
     destroy_distributed_environment,
     destroy_model_parallel,
+    extended_collective_timeout,
     get_cfg_group,
     get_cfg_sp_group,
     get_dp_group,
@@ -24,14 +33,20 @@ from xfuser.core.distributed.parallel_state import (
 )
 
 __all__ = [
+    "DEFAULT_COLLECTIVE_TIMEOUT_S",
+    "DEFAULT_STARTUP_TIMEOUT_S",
     "GROUP_KINDS",
     "CollectiveTimeout",
     "GroupCoordinator",
+    "PeerLost",
     "RankLayout",
     "all_coordinators",
+    "collective_error",
+    "collective_timeout_s",
     "default_backend",
     "destroy_distributed_environment",
     "destroy_model_parallel",
+    "extended_collective_timeout",
     "get_cfg_group",
     "get_cfg_sp_group",
     "get_dp_group",

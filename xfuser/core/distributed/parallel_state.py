@@ -9,22 +9,35 @@ pipeline stage, then CFG branch, with data parallel outermost::
 so an SP group is a contiguous block of ranks (intra-node NVLink for the heaviest all-to-all)
 and the Ulysses/Ring split inside it matches ``yunchang.set_seq_parallel_pg(use_ulysses_low=True)``.
 
-The backend is chosen by the machine (NCCL when CUDA is available, gloo otherwise) and every
-group gets the same collective timeout. A run on one process needs no ``torch.distributed``
-at all: every group is then a size-1 coordinator whose collectives are no-ops.
+The backend is chosen by the machine (NCCL when CUDA is available, gloo otherwise). Timeouts
+come in two phases. Start-up (the rendezvous, creating the groups, and the barrier that ends
+:func:`initialize_model_parallel`) may wait ``startup_timeout_s`` for a peer that is still
+loading its model. After that barrier every process group, the ones handed to yunchang
+included, is switched to the steady-state ``timeout_s``, so the backend itself bounds the
+collectives yunchang issues (gloo raises, the NCCL watchdog aborts), and the coordinators wait
+on their own handles with the same value. :func:`extended_collective_timeout` lifts them back
+for a phase known to be slow (e.g. the first, compiling, step). A run on one process needs no
+``torch.distributed`` at all: every group is then a size-1 coordinator whose collectives are
+no-ops.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import itertools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from xfuser.core.distributed.group_coordinator import GroupCoordinator
+from xfuser.core.distributed.group_coordinator import (
+    DEFAULT_COLLECTIVE_TIMEOUT_S,
+    DEFAULT_STARTUP_TIMEOUT_S,
+    GroupCoordinator,
+)
 from xfuser.logger import init_logger
 
 logger = init_logger(__name__)
@@ -106,7 +119,11 @@ class _State:
     layout: RankLayout | None = None
     coordinators: dict[str, GroupCoordinator] = {}
     owns_process_group: bool = False
-    timeout_s: float = 300.0
+    timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
+    #: every process group this module created (subgroups, and the default one if it owns it):
+    #: the ones whose backend timeout it switches between start-up and steady state
+    process_groups: list = []
 
 
 _state = _State()
@@ -127,13 +144,44 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed_environment(backend: str | None = None, timeout_s: float = 300.0) -> None:
+def startup_timeout_for(timeout_s: float, startup_timeout_s: float | None = None) -> float:
+    """The start-up wait: ``startup_timeout_s`` when given, else ``XFUSER_STARTUP_TIMEOUT`` (s)
+    or :data:`DEFAULT_STARTUP_TIMEOUT_S`; never shorter than the steady-state ``timeout_s``."""
+    if startup_timeout_s is None:
+        startup_timeout_s = float(os.environ.get("XFUSER_STARTUP_TIMEOUT", DEFAULT_STARTUP_TIMEOUT_S))
+    if not startup_timeout_s > 0:
+        raise ValueError(f"the start-up timeout must be > 0 seconds, got {startup_timeout_s}")
+    return max(float(startup_timeout_s), float(timeout_s))
+
+
+def _check_nccl_error_handling() -> None:
+    """NCCL collectives do not raise on a hang by themselves: the watchdog of each group ends
+    the process once a collective has run past the group's timeout, unless async error handling
+    was switched off (then a stuck peer holds the job for ever)."""
+    mode = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", os.environ.get("NCCL_ASYNC_ERROR_HANDLING"))
+    if mode is not None and mode.strip() == "0":
+        logger.warning(
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING=0: NCCL will not end a stuck collective; the collective timeout only "
+            "bounds waits on xfuser's own handles, not the collectives yunchang issues. Unset it (default 3) to "
+            "have the watchdog end the process after the timeout."
+        )
+
+
+def init_distributed_environment(
+    backend: str | None = None,
+    timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+    startup_timeout_s: float | None = None,
+) -> None:
     """Join the job torchrun (or a test harness) described in the environment.
 
     With no ``WORLD_SIZE`` (or ``WORLD_SIZE=1``) nothing is initialised: single-process runs do
-    not need a process group. Safe to call twice.
+    not need a process group. Safe to call twice. The rendezvous waits up to the start-up
+    timeout (:func:`startup_timeout_for`) for every rank: a peer may still be loading its model.
+    ``timeout_s`` is the steady-state timeout every group gets once
+    :func:`initialize_model_parallel` has seen all ranks arrive.
     """
     _state.timeout_s = timeout_s
+    _state.startup_timeout_s = startup_timeout_for(timeout_s, startup_timeout_s)
     if dist.is_initialized():
         return
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -142,11 +190,12 @@ def init_distributed_environment(backend: str | None = None, timeout_s: float = 
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(local_device())
+        _check_nccl_error_handling()
     dist.init_process_group(
         backend=backend,
         rank=int(os.environ["RANK"]),
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=datetime.timedelta(seconds=_state.startup_timeout_s),
     )
     _state.owns_process_group = True
     logger.debug("initialised %s process group: rank %d of %d", backend, dist.get_rank(), world_size)
@@ -165,9 +214,13 @@ def initialize_model_parallel(
     ulysses_degree: int = 1,
     ring_degree: int = 1,
     timeout_s: float | None = None,
+    startup_timeout_s: float | None = None,
 ) -> RankLayout:
     """Create every group of the layout; each rank keeps coordinators for the groups it is in.
 
+    Groups are created with the start-up timeout and the function ends with a barrier of all
+    ranks under it; then every group (yunchang's included) gets the steady-state ``timeout_s``
+    (default: the one given to :func:`init_distributed_environment`).
     Raises ``ValueError`` when the product of degrees is not the world size.
     """
     layout = RankLayout(dp=dp_degree, cfg=cfg_degree, pp=pp_degree, ulysses=ulysses_degree, ring=ring_degree)
@@ -181,9 +234,13 @@ def initialize_model_parallel(
     if _state.layout is not None:
         raise RuntimeError("model parallel groups already initialised; call destroy_model_parallel() first")
     timeout_s = _state.timeout_s if timeout_s is None else timeout_s
-    timeout = datetime.timedelta(seconds=timeout_s)
+    startup_s = max(_state.startup_timeout_s, timeout_s) if startup_timeout_s is None else startup_timeout_for(
+        timeout_s, startup_timeout_s)
+    _state.timeout_s, _state.startup_timeout_s = timeout_s, startup_s
+    startup = datetime.timedelta(seconds=startup_s)
     device = local_device()
     coordinators: dict[str, GroupCoordinator] = {}
+    process_groups = [dist.group.WORLD] if world_size > 1 and _state.owns_process_group else []
     world_ranks = list(range(world_size))
     coordinators["world"] = GroupCoordinator(
         "world", world_ranks, dist.group.WORLD if world_size > 1 else None, rank, timeout_s, device
@@ -194,15 +251,63 @@ def initialize_model_parallel(
         for members in layout.groups(kind):
             pg = None
             if world_size > 1 and (len(members) > 1 or need_real):
-                pg = dist.new_group(members, timeout=timeout)  # every rank calls, same order
+                # every rank calls, same order; group_desc names the group in NCCL's watchdog messages.
+                # The ring group gets the steady-state timeout now: on gloo a P2P wait without a
+                # deadline (yunchang's ring waits so) keeps the timeout a group was created with.
+                pg_timeout = datetime.timedelta(seconds=timeout_s) if kind == "ring" else startup
+                pg = dist.new_group(members, timeout=pg_timeout, group_desc=kind)
+                if rank in members:
+                    process_groups.append(pg)
             if rank in members:
                 coordinators[kind] = GroupCoordinator(kind, members, pg, rank, timeout_s, device)
     _state.layout = layout
     _state.coordinators = coordinators
+    _state.process_groups = process_groups
     if layout.sp > 1:
         _set_yunchang_groups(coordinators["ulysses"].group, coordinators["ring"].group)
+    # The init barrier: the last wait allowed the start-up timeout (a peer may still be
+    # loading). Every collective after it is steady state, bounded by ``timeout_s``.
+    world = coordinators["world"]
+    world.timeout = startup
+    try:
+        world.barrier()
+    finally:
+        world.reset_counters()
+        _apply_timeout(timeout_s)
     logger.debug("rank %d coordinates %s", rank, layout.coords(rank))
     return layout
+
+
+def _apply_timeout(seconds: float) -> None:
+    """Give every coordinator and every process group we created the timeout ``seconds``:
+    the backend then bounds the collectives issued outside our coordinators (yunchang's)."""
+    timeout = datetime.timedelta(seconds=seconds)
+    for coordinator in _state.coordinators.values():
+        coordinator.timeout = timeout
+    for pg in _state.process_groups:
+        dist.distributed_c10d._set_pg_timeout(timeout, pg)
+
+
+def collective_timeout_s() -> float:
+    """The steady-state collective timeout in force (seconds)."""
+    return _state.timeout_s
+
+
+@contextlib.contextmanager
+def extended_collective_timeout(seconds: float | None = None) -> Iterator[None]:
+    """Let every collective inside the block wait up to ``seconds`` (default: the start-up
+    timeout), then restore the steady-state timeout: for a phase known to be slow on some
+    ranks only, such as the first step under ``--use_torch_compile`` with PipeFusion, where a
+    stage waits for the stages before it to compile. (On gloo it cannot lengthen yunchang's
+    ring P2P waits, which keep the ring group's creation timeout; collectives and every wait of
+    the coordinators follow it, and on NCCL everything does.)"""
+    seconds = _state.startup_timeout_s if seconds is None else seconds
+    steady = _state.timeout_s
+    _apply_timeout(max(seconds, steady))
+    try:
+        yield
+    finally:
+        _apply_timeout(steady)
 
 
 def _set_yunchang_groups(ulysses_pg, ring_pg) -> None:
@@ -283,6 +388,7 @@ def destroy_model_parallel() -> None:
     for coordinator in _state.coordinators.values():
         coordinator.group = None
     _state.coordinators = {}
+    _state.process_groups = []
     _state.layout = None
     gc.collect()
 

@@ -44,6 +44,7 @@ import torch
 from xfuser.config.config import ConfigError
 from xfuser.logger import init_logger, warn_once
 from xfuser.model_executor.cache.adapters.base import BlockAdapter, BlockCall, Streams
+from xfuser.model_executor.cache.manager import BLOCKS_FREED
 from xfuser.model_executor.layers.pipefusion_attention import PatchKVContext
 from xfuser.model_executor.schedulers.patch_scheduler import StepOverride, not_patch_aware_reason, patch_scheduler
 
@@ -398,6 +399,7 @@ class PatchPipeline:
 def free_foreign_blocks(manager, stages: list[tuple[int, int]], stage: int) -> None:
     """Move the blocks other stages own to the meta device: a stage holds only its weights."""
     first, last = stages[stage]
+    object.__setattr__(manager.transformer, BLOCKS_FREED, True)
     for index, (blocks, position) in enumerate(manager.slots):
         if not first <= index <= last:
             block = blocks[position]

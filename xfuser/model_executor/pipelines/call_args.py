@@ -79,3 +79,62 @@ def prepare_call_kwargs(pipe, height: int | None = None, width: int | None = Non
         if not binning_supported(pipe):
             kwargs["use_resolution_binning"] = False
     return kwargs
+
+
+def _bind(pipe, args: tuple, kwargs: dict[str, Any] | None):
+    signature = inspect.signature(type(pipe).__call__)
+    try:
+        return signature, signature.bind_partial(pipe, *args, **(kwargs or {}))
+    except TypeError:
+        return signature, None  # the pipeline itself will name the bad argument
+
+
+def _default(signature: inspect.Signature, name: str) -> Any:
+    param = signature.parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def requested_samples(pipe, args: tuple = (), kwargs: dict[str, Any] | None = None) -> int | None:
+    """Images ``pipe(*args, **kwargs)`` generates: prompts (a string is one; else the rows of
+    ``prompt_embeds``) times ``num_images_per_prompt``; None when the call does not say."""
+    signature, bound = _bind(pipe, args, kwargs)
+    if bound is None:
+        return None
+    prompt = bound.arguments.get("prompt")
+    if isinstance(prompt, str):
+        prompts = 1
+    elif isinstance(prompt, (list, tuple)):
+        prompts = len(prompt)
+    elif getattr(bound.arguments.get("prompt_embeds"), "ndim", 0) >= 2:
+        prompts = int(bound.arguments["prompt_embeds"].shape[0])
+    else:
+        return None
+    per_prompt = bound.arguments.get("num_images_per_prompt") or _default(signature, "num_images_per_prompt") or 1
+    return prompts * int(per_prompt)
+
+
+def scheduled_steps(pipe, args: tuple = (), kwargs: dict[str, Any] | None = None) -> int | None:
+    """The step count of ``pipe(*args, **kwargs)`` as the pipeline will schedule it: the length
+    of a custom ``timesteps``/``sigmas`` list, else ``num_inference_steps`` whether passed by
+    keyword or by position, else the pipeline's default (None when it has none)."""
+    signature, bound = _bind(pipe, args, kwargs)
+    if bound is None:
+        return None
+    for name in ("timesteps", "sigmas"):
+        value = bound.arguments.get(name)
+        if value is not None:
+            return len(value)
+    steps = bound.arguments.get("num_inference_steps")
+    if steps is None:
+        steps = _default(signature, "num_inference_steps")
+    return None if steps is None else int(steps)
+
+
+def schedule_length_of(pipe):
+    """A callable giving the length of ``pipe``'s current schedule (its scheduler's timesteps,
+    set by the pipeline before its loop), or None when it has no scheduler."""
+    def length() -> int | None:
+        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+        return None if timesteps is None else len(timesteps)
+
+    return length

@@ -11,15 +11,15 @@ resets it at the start of every call, so two identical calls give identical imag
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from xfuser.config.config import CacheConfig, ConfigError
 from xfuser.logger import init_logger
 from xfuser.memory import PeakMemory, peak_memory, reset_peak_memory
 from xfuser.model_executor.cache.adapters.base import BlockAdapter, adapter_for
-from xfuser.model_executor.cache.manager import CacheManager
+from xfuser.model_executor.cache.manager import CacheManager, check_installable
 from xfuser.model_executor.cache.sync import SyncGroup
+from xfuser.model_executor.pipelines.call_args import requested_samples, schedule_length_of, scheduled_steps
 from xfuser.timing import model_device
 
 logger = init_logger(__name__)
@@ -44,11 +44,6 @@ def check_method_supported(transformer, config: CacheConfig) -> BlockAdapter:
             "timestep-modulated input; use Fast or Fb"
         )
     return adapter
-
-
-def default_num_steps(pipe) -> int | None:
-    param = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
-    return None if param is None or param.default is inspect.Parameter.empty else int(param.default)
 
 
 class xFuserFastCachePipelineWrapper:  # noqa: N801 - public name fixed by the seed API
@@ -85,8 +80,9 @@ class xFuserFastCachePipelineWrapper:  # noqa: N801 - public name fixed by the s
         transformer = _transformer_of(self.pipe)
         check_method_supported(transformer, config)
         self.disable_cache()
+        check_installable(transformer)
         self.cache_config = config
-        self.manager = CacheManager(transformer, config, sync=self.sync).install()
+        self.manager = CacheManager(transformer, config, sync=self.sync, schedule_length=schedule_length_of(self.pipe)).install()
         logger.info("cache %s enabled on %s (%d blocks)", config.method, type(transformer).__name__, self.manager.num_blocks)
         return self
 
@@ -96,11 +92,24 @@ class xFuserFastCachePipelineWrapper:  # noqa: N801 - public name fixed by the s
             self.manager.uninstall()
         self.manager = None
 
+    def close(self) -> None:
+        """Undo everything the wrapper installed: the pipeline is as it was, and another wrapper
+        or an ``xDiTParallel`` may take it."""
+        self.disable_cache()
+
+    def __enter__(self) -> "xFuserFastCachePipelineWrapper":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ running
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.manager is not None:
-            steps = kwargs.get("num_inference_steps", default_num_steps(self.pipe))
-            self.manager.reset(steps)
+            steps = scheduled_steps(self.pipe, args, kwargs)
+            if steps is not None and steps < 1:
+                raise ConfigError(f"num_inference_steps={steps}: a generation needs at least one step")
+            self.manager.reset(steps, requested_samples(self.pipe, args, kwargs))
         device = model_device(self.pipe)
         reset_peak_memory(device)
         result = self.pipe(*args, **kwargs)

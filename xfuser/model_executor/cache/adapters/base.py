@@ -49,6 +49,29 @@ class BlockCall:
     def run(self) -> Any:
         return self.block(*self.bound.args, **self.bound.kwargs)
 
+    def rows(self, rows: Sequence[int], batch: int) -> "BlockCall":
+        """The same call for batch rows ``rows`` only: every tensor argument whose first
+        dimension is the batch (``batch``) is indexed, inside tuples, lists and dicts too;
+        per-token tables (rotary embeddings) and scalars pass unchanged. A per-token table as
+        long as the batch would be mistaken for a batch tensor, but tokens outnumber samples."""
+        index = None
+
+        def pick(value: Any) -> Any:
+            nonlocal index
+            if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+                if index is None or index.device != value.device:
+                    index = torch.tensor(list(rows), dtype=torch.long, device=value.device)
+                return value.index_select(0, index)
+            if isinstance(value, (tuple, list)):
+                return type(value)(pick(v) for v in value)
+            if isinstance(value, dict):
+                return {k: pick(v) for k, v in value.items()}
+            return value
+
+        arguments = {name: pick(value) for name, value in self.bound.arguments.items()}
+        bound = inspect.BoundArguments(self.bound.signature, arguments)
+        return BlockCall(self.block, bound, self.stream_names, self.extra_names)
+
 
 class BlockAdapter:
     """Base adapter. Subclasses set the class attributes and override the hooks they support."""
