@@ -39,7 +39,7 @@ from xfuser.model_executor.models.cfg_parallel import CFGSplit
 from xfuser.model_executor.models.pipefusion import PatchPipeline, free_foreign_blocks, stage_ranges
 from xfuser.model_executor.models.sequence_parallel import SequenceShard, check_sequence_parallel
 from xfuser.model_executor.pipelines.call_args import (
-    accepts, prepare_call_kwargs, requested_samples, schedule_length_of, scheduled_steps,
+    accepts, call_default, prepare_call_kwargs, requested_samples, schedule_length_of, scheduled_steps,
 )
 from xfuser.model_executor.pipelines.fastcache_pipeline import check_method_supported
 from xfuser.model_executor.pipelines.memory_options import check_memory_options, place_pipeline
@@ -47,13 +47,6 @@ from xfuser.seeding import sample_generators
 from xfuser.timing import timed
 
 logger = init_logger(__name__)
-
-def _call_default(pipe, name: str) -> Any:
-    import inspect
-
-    param = inspect.signature(type(pipe).__call__).parameters.get(name)
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
-
 
 def snapshot_attention(transformer) -> list[tuple[Any, str, Any]]:
     """Every attention module's processor (diffusers) or core (StepVideo), to restore later."""
@@ -217,7 +210,7 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
                     f"sequence-parallel degree {p.sp_degree}; change --height/--width or the degrees"
                 )
         if "encoder_hidden_states" in adapter.sp_split_streams:
-            n_text = inputs.max_sequence_length or _call_default(pipe, "max_sequence_length") or 512
+            n_text = inputs.max_sequence_length or call_default(pipe, "max_sequence_length") or 512
             if n_text % p.sp_degree:
                 raise ConfigError(
                     f"--max_sequence_length {n_text}: the text stream is split over the sequence-parallel ranks and "
@@ -298,14 +291,14 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         """Tell the patch pipeline what the pipeline's loop will do between transformer calls
         (guidance, scheduler step arguments), so its last stage can step patches itself."""
         pipe = self.pipe
-        scale = kwargs.get("guidance_scale", _call_default(pipe, "guidance_scale"))
+        scale = kwargs.get("guidance_scale", call_default(pipe, "guidance_scale"))
         do_cfg = _has_cfg(pipe) and scale is not None and scale > 1.0
         step_kwargs = {}
         if hasattr(pipe, "prepare_extra_step_kwargs"):
             step_kwargs = pipe.prepare_extra_step_kwargs(kwargs.get("generator"), kwargs.get("eta", 0.0))
         return self.manager.patch_pipeline.begin_generation(
             pipe.scheduler, scale, do_cfg, get_cfg_group(), step_kwargs,
-            guidance_rescale=kwargs.get("guidance_rescale", _call_default(pipe, "guidance_rescale") or 0.0),
+            guidance_rescale=kwargs.get("guidance_rescale", call_default(pipe, "guidance_rescale") or 0.0),
         )
 
     def close(self) -> None:

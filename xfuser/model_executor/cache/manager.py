@@ -303,10 +303,10 @@ class CacheManager:
             streams, action, fraction = self.method.run_block(index, call.rows(rows, batch))
             self.stats.record(index, action, fraction)
             parts.append(streams)
-        order = torch.tensor([r for rows in lanes for r in rows], device=call.streams[0].device)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=order.device)
-        return tuple(torch.cat(pieces).index_select(0, inverse) for pieces in zip(*parts))
+        if all(len(rows) == 1 for rows in lanes):  # row i is lane i: concatenation is the batch
+            return tuple(torch.cat(pieces) for pieces in zip(*parts))
+        # CFG pairs: lane i holds rows (i, n + i); interleave back to [uncond...; cond...]
+        return tuple(torch.stack(pieces).transpose(0, 1).flatten(0, 1) for pieces in zip(*parts))
 
     def _sample_rows(self, call: BlockCall) -> list[list[int]] | None:
         """Batch rows of each sample, or None for one decision over the whole batch.

@@ -94,6 +94,11 @@ def _default(signature: inspect.Signature, name: str) -> Any:
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
+def call_default(pipe, name: str) -> Any:
+    """The pipeline's default for call argument ``name`` (None when it has none)."""
+    return _default(inspect.signature(type(pipe).__call__), name)
+
+
 def requested_samples(pipe, args: tuple = (), kwargs: dict[str, Any] | None = None) -> int | None:
     """Images ``pipe(*args, **kwargs)`` generates: prompts (a string is one; else the rows of
     ``prompt_embeds``) times ``num_images_per_prompt``; None when the call does not say."""
