@@ -42,6 +42,7 @@ from xfuser.model_executor.pipelines.call_args import (
     accepts, call_default, prepare_call_kwargs, requested_samples, schedule_length_of, scheduled_steps,
 )
 from xfuser.model_executor.pipelines.fastcache_pipeline import check_method_supported
+from xfuser.model_executor.pipelines.input_checks import check_call_inputs, input_call_kwargs
 from xfuser.model_executor.pipelines.memory_options import check_memory_options, place_pipeline
 from xfuser.seeding import sample_generators
 from xfuser.timing import timed
@@ -93,6 +94,7 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
             if input_config.guidance_scale is not None and input_config.guidance_scale <= 1.0:
                 raise ConfigError("--use_cfg_parallel needs --guidance_scale > 1")
         self._check_token_counts(adapter)
+        check_call_inputs(pipe, input_call_kwargs(pipe, input_config))  # the whole request, before any group exists
         runtime = engine_config.runtime_config
         if runtime.use_torch_compile:
             from xfuser.model_executor.compile import check_compilable
@@ -257,12 +259,15 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         if inputs.max_sequence_length is not None:
             kwargs["max_sequence_length"] = inputs.max_sequence_length
         if inputs.num_frames is not None:
-            if not accepts(self.pipe, "num_frames"):
-                raise ConfigError(f"--num_frames: {type(self.pipe).__name__} generates images, not videos")
-            kwargs["num_frames"] = inputs.num_frames
-        if inputs.negative_prompt and accepts(self.pipe, "negative_prompt"):
-            kwargs["negative_prompt"] = inputs.negative_prompt
+            kwargs["num_frames"] = inputs.num_frames  # an image pipeline is refused by check_call_inputs
+        negative = inputs.negative_prompt
+        if any(negative) if isinstance(negative, list) else negative:
+            if isinstance(negative, list) and len(negative) > 1:
+                first, end = self._local_range()  # one per prompt: this replica's share, like the prompts
+                negative = negative[first:end]
+            kwargs["negative_prompt"] = negative  # a pipeline without one is refused by check_call_inputs
         kwargs.update(overrides)
+        check_call_inputs(self.pipe, kwargs)
         if "generator" not in kwargs:
             # one generator per image, seeded by its index in the whole request (xfuser/seeding.py):
             # identical latents on every rank of a replica, and an image that depends only on

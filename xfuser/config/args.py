@@ -66,7 +66,7 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
     width: int | None = None
     num_frames: int | None = None
     prompt: list[str] = field(default_factory=lambda: ["a red circle on a blue background, top left"])
-    negative_prompt: str = ""
+    negative_prompt: str | list[str] = ""
     num_inference_steps: int = 20
     guidance_scale: float | None = None
     seed: int = 42
@@ -112,12 +112,14 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
         _add(g, "width", type=int, default=None, help="image width in pixels (default: model's native size)")
         _add(g, "num_frames", type=int, default=None, help="frames (video models)")
         _add(g, "prompt", nargs="+", default=["a red circle on a blue background, top left"], help="one or more prompts")
-        _add(g, "negative_prompt", default="", help="negative prompt")
+        _add(g, "negative_prompt", default="", help="negative prompt (needs --guidance_scale > 1 where it is given)")
         _add(g, "num_inference_steps", type=int, default=20, help="denoising steps (20)")
         _add(g, "guidance_scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
         _add(g, "seed", type=int, default=42, help="generator seed (42)")
-        _add(g, "output_type", default="pil", choices=["pil", "np", "pt", "latent"], help="output type (pil)")
-        _add(g, "max_sequence_length", type=int, default=None, help="text tokens (default: the pipeline's)")
+        _add(g, "output_type", default="pil", choices=["pil", "np", "pt", "latent"],
+             help="output type; the examples save pil as PNG/GIF, np as .npy, pt/latent as .pt (pil)")
+        _add(g, "max_sequence_length", type=int, default=None,
+             help="text tokens, at most the text encoder's limit (default: the pipeline's)")
         p = parser.add_argument_group("parallelism")
         _add(p, "warmup_steps", type=int, default=1, help="PipeFusion synchronous warm-up steps (1)")
         _add(p, "pipefusion_sync_steps", action="store_true",

@@ -252,7 +252,10 @@ class CacheConfig:
 class InputConfig:
     """What to generate. height/width: pixels (None: the model's native size). num_frames:
     video models only. prompt: one or more prompts (a batch). guidance_scale: None keeps the
-    pipeline's default. seed: generator seed (42). output_type: pil | np | latent."""
+    pipeline's default, else >= 0 (a negative prompt needs > 1). seed: generator seed (42).
+    output_type: pil | np | pt | latent (the example entry points save pil as PNG/GIF, np as
+    .npy, pt/latent as .pt). max_sequence_length: text tokens, >= 1 and, where the checkpoint's
+    files say, at most its tokenizer's ``model_max_length``."""
 
     prompt: list[str] = field(default_factory=lambda: ["a red circle on a blue background, top left"])
     negative_prompt: str | list[str] = ""
@@ -282,6 +285,8 @@ class InputConfig:
                 raise ConfigError(f"--guidance_scale must be a number, got {self.guidance_scale!r}") from exc
             if not math.isfinite(g):
                 raise ConfigError(f"--guidance_scale must be finite, got {self.guidance_scale}")
+            if g < 0:
+                raise ConfigError(f"--guidance_scale must be >= 0, got {g}; use 0-1 for no guidance, > 1 for CFG")
             self.guidance_scale = g
         if isinstance(self.negative_prompt, (list, tuple)):
             self.negative_prompt = list(self.negative_prompt)
@@ -290,6 +295,16 @@ class InputConfig:
                     f"--negative_prompt gives {len(self.negative_prompt)} prompts for {len(self.prompt)} --prompt "
                     "values; give one negative prompt or one per prompt"
                 )
+        elif not isinstance(self.negative_prompt, str):
+            raise ConfigError(f"--negative_prompt must be a string or a list of strings, got {self.negative_prompt!r}")
+        has_negative = any(self.negative_prompt) if isinstance(self.negative_prompt, list) else bool(self.negative_prompt)
+        if has_negative and self.guidance_scale is not None and self.guidance_scale <= 1.0:
+            # refused, not warned: the request asks for something that cannot take effect, and a
+            # warning scrolls past once per rank under torchrun
+            raise ConfigError(
+                f"--negative_prompt is ignored when --guidance_scale is {self.guidance_scale} (<= 1 turns "
+                "classifier-free guidance off); raise --guidance_scale above 1 or drop --negative_prompt"
+            )
         if self.output_type not in ("pil", "np", "latent", "pt"):
             raise ConfigError(f"--output_type must be pil, np, pt or latent, got {self.output_type!r}")
 
@@ -314,8 +329,12 @@ class EngineConfig:
 
 
 def validate_engine_and_input(engine: EngineConfig, inputs: InputConfig) -> None:
-    """Checks that need both halves of the configuration."""
+    """Checks that need both halves of the configuration, and the checks of the inputs against
+    the checkpoint's small JSON files when they are on this machine (no weights are read)."""
+    from xfuser.model_executor.pipelines.input_checks import check_model_files  # lazy: no torch
+
     p, c = engine.parallel_config, engine.cache_config
+    check_model_files(engine.model_config.model, inputs)
     if p.cfg_degree == 2 and inputs.guidance_scale is not None and inputs.guidance_scale <= 1.0:
         raise ConfigError(
             f"--use_cfg_parallel needs classifier-free guidance, but --guidance_scale is {inputs.guidance_scale} "

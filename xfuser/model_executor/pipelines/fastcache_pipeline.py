@@ -20,6 +20,7 @@ from xfuser.model_executor.cache.adapters.base import BlockAdapter, adapter_for
 from xfuser.model_executor.cache.manager import CacheManager, check_installable
 from xfuser.model_executor.cache.sync import SyncGroup
 from xfuser.model_executor.pipelines.call_args import requested_samples, schedule_length_of, scheduled_steps
+from xfuser.model_executor.pipelines.input_checks import check_pipeline_call
 from xfuser.timing import model_device
 
 logger = init_logger(__name__)
@@ -105,6 +106,7 @@ class xFuserFastCachePipelineWrapper:  # noqa: N801 - public name fixed by the s
 
     # ------------------------------------------------------------------ running
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        check_pipeline_call(self.pipe, args, kwargs)
         if self.manager is not None:
             steps = scheduled_steps(self.pipe, args, kwargs)
             if steps is not None and steps < 1:
