@@ -42,6 +42,7 @@ from xfuser.timing import model_device, timed  # noqa: E402
 from xfuser.metrics import LPIPSUnavailable, lpips_scorer, psnr, relative_l2, ssim  # noqa: E402
 from xfuser.model_executor.pipelines.call_args import prepare_call_kwargs  # noqa: E402
 from xfuser.model_executor.pipelines.decode import decode_images  # noqa: E402
+import xfuser.testing.tiny_pipelines  # noqa: E402,F401 - registers the tiny-* and random model types
 from xfuser.model_executor.pipelines.model_types import all_model_types, call_defaults, default_size, load_pipeline, resolve_model  # noqa: E402
 
 logger = init_logger("benchmark.cache_execute")

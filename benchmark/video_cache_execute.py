@@ -35,6 +35,7 @@ from xfuser.metrics import psnr, relative_l2, ssim  # noqa: E402
 from xfuser.memory import peak_memory, reset_peak_memory  # noqa: E402
 from xfuser.timing import model_device, timed  # noqa: E402
 from xfuser.model_executor.pipelines.call_args import accepts, prepare_call_kwargs  # noqa: E402
+import xfuser.testing.tiny_pipelines  # noqa: E402,F401 - registers the tiny-* and random model types
 from xfuser.model_executor.pipelines.model_types import call_defaults, load_pipeline, resolve_model, video_model_types  # noqa: E402
 
 logger = init_logger("benchmark.video_cache_execute")

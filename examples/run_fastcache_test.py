@@ -25,6 +25,7 @@ from xfuser.logger import init_logger  # noqa: E402
 from xfuser.metrics import psnr, ssim  # noqa: E402
 from xfuser.timing import model_device, timed  # noqa: E402
 from xfuser.model_executor.pipelines.call_args import prepare_call_kwargs  # noqa: E402
+import xfuser.testing.tiny_pipelines  # noqa: E402,F401 - registers the tiny-* and random model types
 from xfuser.model_executor.pipelines.model_types import all_model_types, default_size, load_pipeline  # noqa: E402
 
 logger = init_logger("examples.run_fastcache_test")

@@ -291,3 +291,16 @@ def test_cogvideox_variants_get_their_published_teacache_polynomials():
     assert a.tea_coefficients_for(model(patch_size_t=2))[0] == 2.50210439e02  # 1.5 t2v
     assert a.tea_coefficients_for(model(patch_size_t=2, in_channels=32))[0] == 1.22842302e02  # 1.5 i2v
     assert ConsisIDAdapter().tea_coefficients_for(model(patch_size_t=2))[0] == -1.53880483e03
+
+
+def test_method_registry_and_config_names_are_one_list():
+    """config.CACHE_METHODS (torch-free, what the CLI validates) and the method classes agree, so
+    a name the config accepts always has a class, and an unknown one fails with the flag."""
+    from xfuser.config.config import CACHE_METHODS, ConfigError
+    from xfuser.model_executor.cache.methods import METHODS, method_class
+
+    assert tuple(METHODS) == CACHE_METHODS
+    for name in CACHE_METHODS:
+        assert method_class(name.upper()) is METHODS[name]
+    with pytest.raises(ConfigError, match="--cache_method"):
+        method_class("Magic")

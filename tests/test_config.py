@@ -142,9 +142,13 @@ def test_cache_config_defaults_and_no_cap():
     assert CacheConfig(method="Fb", max_cached_steps=0).max_cached_steps == 0
 
 
-def test_cache_warmup_ignored_when_caching_off():
+def test_cache_warmup_beyond_the_steps_is_refused_only_when_a_method_runs():
+    """Warm-up steps only mean something to a cache method: a value no schedule can honour is an
+    error with caching on, and irrelevant (not an error) with caching off."""
     engine, _ = xFuserArgs(cache_method="None", cache_warmup_steps=50, num_inference_steps=4).create_config(world_size=1)
-    assert not engine.cache_config.enabled
+    assert engine.cache_config.cache_warmup_steps == 50 and not engine.cache_config.enabled
+    with pytest.raises(ConfigError, match="--cache_warmup_steps"):
+        xFuserArgs(cache_method="Fast", cache_warmup_steps=50, num_inference_steps=4).create_config(world_size=1)
 
 
 def test_pipefusion_defaults_patches_to_degree():
@@ -159,5 +163,21 @@ def test_input_config_batch_and_negative_prompts():
         InputConfig(prompt=["a", "b", "c"], negative_prompt=["n1", "n2"])
 
 
-def test_cli_default_model_is_the_constant():
-    assert parse([]).model == DEFAULT_MODEL == xFuserArgs().model
+def test_defaults_have_one_source_the_config_dataclasses():
+    """The CLI's defaults are xFuserArgs' and xFuserArgs' are the configs': parsing no flag,
+    building xFuserArgs() and the config dataclasses' own defaults give the same engine, except
+    the cache method (the product runs Fast; a bare CacheConfig() caches nothing)."""
+    import dataclasses
+
+    from xfuser.config.config import ParallelConfig, RuntimeConfig
+
+    assert parse([]) == xFuserArgs()
+    engine, inputs = xFuserArgs().create_config(world_size=1)
+    assert engine.model_config.model == DEFAULT_MODEL
+    assert inputs == InputConfig()
+    assert engine.parallel_config == ParallelConfig() and engine.runtime_config == RuntimeConfig()
+    assert engine.cache_config.method == "Fast"
+    assert dataclasses.replace(engine.cache_config, method="None") == CacheConfig()
+    # a changed config default reaches the CLI: the parser reads it from the dataclass
+    help_text = xFuserArgs.add_cli_args(argparse.ArgumentParser()).format_help()
+    assert f"(default: {CacheConfig().cache_ratio_threshold})" in " ".join(help_text.split())

@@ -38,7 +38,6 @@ def test_every_group_kind_partitions_the_world_consistently(layout: RankLayout) 
             fixed = {"dp", "cfg", "pp", "ring", "ulysses"} - {
                 "dp": {"dp"}, "cfg": {"cfg"}, "pp": {"pp"}, "sp": {"ring", "ulysses"},
                 "ulysses": {"ulysses"}, "ring": {"ring"}, "cfg_sp": {"cfg", "ring", "ulysses"},
-                "replica": {"cfg", "pp", "ring", "ulysses"},
             }[kind]
             for dim in fixed:
                 assert len({c[dim] for c in coords}) == 1, (kind, dim, group)
@@ -52,7 +51,6 @@ def test_documented_order_sp_fastest_then_pp_cfg_dp() -> None:
     assert layout.groups("sp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert layout.groups("cfg") == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert layout.groups("dp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
-    assert layout.groups("replica") == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
     layout = RankLayout(cfg=2, pp=2, ulysses=2)  # 8 ranks: sp, then pp, then cfg
     assert layout.groups("sp") == [[0, 1], [2, 3], [4, 5], [6, 7]]

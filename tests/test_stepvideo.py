@@ -12,19 +12,15 @@ from safetensors.torch import save_file
 from xfuser import xFuserFastCachePipelineWrapper
 from xfuser.model_executor.cache.adapters import adapter_for
 from xfuser.model_executor.cache.adapters.stepvideo import StepVideoAdapter  # importing registers it
-from xfuser.model_executor.models.stepvideo.pipeline import (
-    StepVideoPipeline,
+from xfuser.model_executor.models.stepvideo.pipeline import StepVideoPipeline
+from xfuser.model_executor.models.stepvideo.transformer import StepVideoTransformer3DModel, apply_rope_3d, rope_3d_table
+from xfuser.testing.multiprocess import run_on_ranks
+from xfuser.testing.tiny_stepvideo import (
+    TINY_STEPVIDEO_CONFIG,
     build_tiny_stepvideo_pipeline,
+    build_tiny_stepvideo_transformer,
     tiny_stepvideo_call_kwargs,
 )
-from xfuser.model_executor.models.stepvideo.transformer import (
-    TINY_STEPVIDEO_CONFIG,
-    StepVideoTransformer3DModel,
-    apply_rope_3d,
-    build_tiny_stepvideo_transformer,
-    rope_3d_table,
-)
-from xfuser.testing.multiprocess import run_on_ranks
 
 STEPS = 5
 

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from xfuser.config.config import ConfigError, EngineConfig, InputConfig
+from xfuser.config.config import ConfigError, EngineConfig, InputConfig, validate_engine_and_input
 from xfuser.core.distributed import (
     get_cfg_group,
     get_cfg_sp_group,
@@ -76,6 +76,7 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         self.pipe = pipe
         self.engine = engine_config
         self.inputs = input_config
+        validate_engine_and_input(engine_config, input_config)  # configs built by hand get the CLI's checks
         p = engine_config.parallel_config
         if p.use_parallel_vae and p.cfg_degree * p.sp_degree < 2:
             raise ConfigError(
@@ -91,8 +92,6 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         if p.cfg_degree > 1:
             if not _has_cfg(pipe):
                 raise ConfigError(f"--use_cfg_parallel: {type(pipe).__name__} does not use classifier-free guidance")
-            if input_config.guidance_scale is not None and input_config.guidance_scale <= 1.0:
-                raise ConfigError("--use_cfg_parallel needs --guidance_scale > 1")
         self._check_token_counts(adapter)
         check_call_inputs(pipe, input_call_kwargs(pipe, input_config))  # the whole request, before any group exists
         runtime = engine_config.runtime_config

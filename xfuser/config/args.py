@@ -14,6 +14,7 @@ from xfuser.config.config import (
     ATTENTION_BACKENDS,
     CACHE_METHODS,
     DTYPES,
+    OUTPUT_TYPES,
     CacheConfig,
     ConfigError,
     EngineConfig,
@@ -34,6 +35,10 @@ def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(*flags, **kwargs)
 
 
+def _shown(default) -> str:
+    return " ".join(map(str, default)) if isinstance(default, list) else str(default)
+
+
 def _resolve_world_size(world_size: int | None) -> int:
     """The explicit value, else the initialised process group's, else torchrun's ``WORLD_SIZE``."""
     if world_size is None:
@@ -52,117 +57,134 @@ def _resolve_world_size(world_size: int | None) -> int:
     return world_size
 
 
+def _default(cls: type, name: str):
+    """The default of field ``name`` of config dataclass ``cls``: where a flag's default comes
+    from, so the CLI, ``xFuserArgs`` and the configs cannot disagree."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _flag(default, group: str, help: str, **cli):  # noqa: A002 - argparse's own word
+    """A field that is also a CLI flag: ``help`` (the default is appended unless it is None,
+    empty or False) and argparse options ``cli`` (type, choices, nargs, ...) live beside the default."""
+    meta = {"group": group, "help": help, "cli": cli}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+MODEL, PARALLEL, MEMORY, CACHE = "model and input", "parallelism", "memory", "caching"
+
+
 @dataclass
 class xFuserArgs:  # noqa: N801 - public name from xDiT
-    """One field per CLI flag (same name, same default; see ``add_cli_args`` for each effect).
+    """One field per CLI flag: its default (taken from the config dataclass it feeds), help and
+    parser options are declared here once, and ``add_cli_args`` generates the parser from them.
 
     Kept flat like xDiT's so scripts can build it from argparse or by hand; ``create_config``
     turns it into validated configs so bad launches fail before any weights load.
     """
 
-    model: str = DEFAULT_MODEL
-    dtype: str = "auto"
-    height: int | None = None
-    width: int | None = None
-    num_frames: int | None = None
-    prompt: list[str] = field(default_factory=lambda: ["a red circle on a blue background, top left"])
-    negative_prompt: str | list[str] = ""
-    num_inference_steps: int = 20
-    guidance_scale: float | None = None
-    seed: int = 42
-    output_type: str = "pil"
-    max_sequence_length: int | None = None
-    warmup_steps: int = 1
-    pipefusion_sync_steps: bool = False
-    data_parallel_degree: int = 1
-    use_cfg_parallel: bool = False
-    ulysses_degree: int = 1
-    ring_degree: int = 1
-    pipefusion_parallel_degree: int = 1
-    num_pipeline_patch: int | None = None
-    attn_layer_num_for_pp: list[int] | None = None
-    use_parallel_vae: bool = False
-    use_torch_compile: bool = False
-    attention_backend: str = "auto"
-    enable_tiling: bool = False
-    enable_slicing: bool = False
-    enable_model_cpu_offload: bool = False
-    enable_sequential_cpu_offload: bool = False
-    collective_timeout: float = 120.0
-    cache_method: str | None = None  # None: Fast, unless --use_teacache / --use_fbcache
-    use_teacache: bool = False
-    use_fbcache: bool = False
-    cache_ratio_threshold: float = 0.05
-    motion_threshold: float = 0.1
-    significance_level: float = 0.05
-    cache_warmup_steps: int = 1
-    max_cached_steps: int = -1
-    approximation: str = "learned"
-    fastcache_calibration: str | None = None
-    tea_coefficients: str | None = None
-    debug_cache_agreement: bool = False
+    model: str = _flag(DEFAULT_MODEL, MODEL, "diffusers model dir or hub id (default: the embedded trained model)")
+    dtype: str = _flag(_default(ModelConfig, "dtype"), MODEL, "weights/compute dtype; auto = float32 on CPU, the "
+                       "checkpoint's half precision or bfloat16 on a GPU", choices=DTYPES)
+    height: int | None = _flag(_default(InputConfig, "height"), MODEL, "image height in pixels (default: the model's "
+                               "native size)", type=int)
+    width: int | None = _flag(_default(InputConfig, "width"), MODEL, "image width in pixels (default: the model's "
+                              "native size)", type=int)
+    num_frames: int | None = _flag(_default(InputConfig, "num_frames"), MODEL, "frames (video models)", type=int)
+    prompt: list[str] = _flag(_default(InputConfig, "prompt"), MODEL, "one or more prompts", nargs="+")
+    negative_prompt: str | list[str] = _flag(_default(InputConfig, "negative_prompt"), MODEL,
+                                             "negative prompt (needs --guidance_scale > 1 where it is given)")
+    num_inference_steps: int = _flag(_default(InputConfig, "num_inference_steps"), MODEL, "denoising steps", type=int)
+    guidance_scale: float | None = _flag(_default(InputConfig, "guidance_scale"), MODEL,
+                                         "CFG scale (default: the pipeline's)", type=float)
+    seed: int = _flag(_default(InputConfig, "seed"), MODEL, "generator seed; image i of a request draws seed + i",
+                      type=int)
+    output_type: str = _flag(_default(InputConfig, "output_type"), MODEL, "output type; the examples save pil as "
+                             "PNG/GIF, np as .npy, pt/latent as .pt", choices=OUTPUT_TYPES)
+    max_sequence_length: int | None = _flag(_default(InputConfig, "max_sequence_length"), MODEL,
+                                            "text tokens, at most the text encoder's limit (default: the pipeline's)",
+                                            type=int)
+    warmup_steps: int = _flag(_default(RuntimeConfig, "warmup_steps"), PARALLEL,
+                              "PipeFusion synchronous warm-up steps", type=int)
+    pipefusion_sync_steps: bool = _flag(not _default(RuntimeConfig, "pipefusion_step_overlap"), PARALLEL,
+                                        "PipeFusion: drain the patch pipeline every step instead of overlapping "
+                                        "steps (same result, slower)")
+    data_parallel_degree: int = _flag(_default(ParallelConfig, "dp_degree"), PARALLEL, "data-parallel replicas",
+                                      type=int)
+    use_cfg_parallel: bool = _flag(False, PARALLEL, "cond/uncond branches on different ranks")
+    ulysses_degree: int = _flag(_default(ParallelConfig, "ulysses_degree"), PARALLEL,
+                                "Ulysses sequence-parallel degree", type=int)
+    ring_degree: int = _flag(_default(ParallelConfig, "ring_degree"), PARALLEL, "Ring sequence-parallel degree",
+                             type=int)
+    pipefusion_parallel_degree: int = _flag(_default(ParallelConfig, "pp_degree"), PARALLEL, "PipeFusion stages",
+                                            type=int)
+    num_pipeline_patch: int | None = _flag(_default(ParallelConfig, "num_pipeline_patch"), PARALLEL,
+                                           "PipeFusion patches (default: the degree)", type=int)
+    attn_layer_num_for_pp: list[int] | None = _flag(_default(ParallelConfig, "attn_layer_num_for_pp"), PARALLEL,
+                                                    "blocks per PipeFusion stage (default: an even split)",
+                                                    type=int, nargs="+")
+    use_parallel_vae: bool = _flag(_default(ParallelConfig, "use_parallel_vae"), PARALLEL,
+                                   "patch-parallel VAE decode (distvae)")
+    use_torch_compile: bool = _flag(_default(RuntimeConfig, "use_torch_compile"), PARALLEL,
+                                    "torch.compile each transformer block once (regional compilation; cache "
+                                    "decisions and SP exchanges stay eager)")
+    attention_backend: str = _flag(_default(RuntimeConfig, "attention_backend"), PARALLEL,
+                                   "USP attention kernel: auto = flash-attn on CUDA when installed, else torch "
+                                   "SDPA; cpu on CPU", choices=ATTENTION_BACKENDS)
+    collective_timeout: float = _flag(_default(RuntimeConfig, "collective_timeout_s"), PARALLEL,
+                                      "seconds a collective may wait for its peers before the run ends naming the "
+                                      "group, operation and peers (start-up, while peers load the model, may wait "
+                                      "600: XFUSER_STARTUP_TIMEOUT)", type=float)
+    enable_tiling: bool = _flag(_default(RuntimeConfig, "vae_tiling"), MEMORY,
+                                "decode the latents in VAE tiles (diffusers' vae.enable_tiling)")
+    enable_slicing: bool = _flag(_default(RuntimeConfig, "vae_slicing"), MEMORY,
+                                 "decode one sample at a time (diffusers' vae.enable_slicing)")
+    enable_model_cpu_offload: bool = _flag(False, MEMORY, "keep each model on the CPU until it runs (diffusers' "
+                                           "enable_model_cpu_offload; one process only)")
+    enable_sequential_cpu_offload: bool = _flag(False, MEMORY, "stream every submodule to the GPU as it runs: least "
+                                                "memory, slowest (one process only)")
+    # None: Fast, unless --use_teacache / --use_fbcache. The one default that differs from its
+    # config on purpose: the product runs FastCache, while a bare CacheConfig() caches nothing.
+    cache_method: str | None = _flag(None, CACHE, "cache method (default: Fast)", choices=CACHE_METHODS)
+    use_teacache: bool = _flag(False, CACHE, "xDiT's spelling of --cache_method Tea")
+    use_fbcache: bool = _flag(False, CACHE, "xDiT's spelling of --cache_method Fb")
+    cache_ratio_threshold: float = _flag(_default(CacheConfig, "cache_ratio_threshold"), CACHE,
+                                         "main threshold of every method; larger skips more", type=float)
+    motion_threshold: float = _flag(_default(CacheConfig, "motion_threshold"), CACHE,
+                                    "FastCache static-token threshold; 0 disables", type=float)
+    significance_level: float = _flag(_default(CacheConfig, "significance_level"), CACHE,
+                                      "FastCache χ² test α; smaller skips more", type=float)
+    cache_warmup_steps: int = _flag(_default(CacheConfig, "cache_warmup_steps"), CACHE,
+                                    "first steps that always compute", type=int)
+    max_cached_steps: int = _flag(_default(CacheConfig, "max_cached_steps"), CACHE,
+                                  "max consecutive cached steps, -1 = no cap", type=int)
+    approximation: str = _flag(_default(CacheConfig, "approximation"), CACHE,
+                               "FastCache's stand-in for a skipped block: learned (calibrated forecast; extrapolate "
+                               "when the model has no calibration) | extrapolate (first-order forecast) | reuse | "
+                               "fitted | auto", choices=APPROXIMATIONS)
+    fastcache_calibration: str | None = _flag(_default(CacheConfig, "calibration"), CACHE,
+                                              "FastCache calibration file from `python -m "
+                                              "xfuser.model_executor.cache.calibrate --method Fast` (default: "
+                                              "fastcache.safetensors beside the model)")
+    tea_coefficients: str | None = _flag(None, CACHE, "JSON file from the calibrate command (TeaCache)")
+    debug_cache_agreement: bool = _flag(_default(CacheConfig, "debug_cache_agreement"), CACHE,
+                                        "verify cache decisions match on all ranks (one gather per step)")
 
-    @staticmethod
-    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        g = parser.add_argument_group("model and input")
-        _add(g, "model", default=DEFAULT_MODEL, help="diffusers model dir or hub id (default: the embedded trained model)")
-        _add(g, "dtype", default="auto", choices=DTYPES,
-             help="weights/compute dtype; auto = float32 on CPU, the checkpoint's half precision or bfloat16 on a GPU (auto)")
-        _add(g, "height", type=int, default=None, help="image height in pixels (default: model's native size)")
-        _add(g, "width", type=int, default=None, help="image width in pixels (default: model's native size)")
-        _add(g, "num_frames", type=int, default=None, help="frames (video models)")
-        _add(g, "prompt", nargs="+", default=["a red circle on a blue background, top left"], help="one or more prompts")
-        _add(g, "negative_prompt", default="", help="negative prompt (needs --guidance_scale > 1 where it is given)")
-        _add(g, "num_inference_steps", type=int, default=20, help="denoising steps (20)")
-        _add(g, "guidance_scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
-        _add(g, "seed", type=int, default=42, help="generator seed (42)")
-        _add(g, "output_type", default="pil", choices=["pil", "np", "pt", "latent"],
-             help="output type; the examples save pil as PNG/GIF, np as .npy, pt/latent as .pt (pil)")
-        _add(g, "max_sequence_length", type=int, default=None,
-             help="text tokens, at most the text encoder's limit (default: the pipeline's)")
-        p = parser.add_argument_group("parallelism")
-        _add(p, "warmup_steps", type=int, default=1, help="PipeFusion synchronous warm-up steps (1)")
-        _add(p, "pipefusion_sync_steps", action="store_true",
-             help="PipeFusion: drain the patch pipeline every step instead of overlapping steps (same result, slower)")
-        _add(p, "data_parallel_degree", type=int, default=1, help="data-parallel replicas (1)")
-        _add(p, "use_cfg_parallel", action="store_true", help="cond/uncond branches on different ranks")
-        _add(p, "ulysses_degree", type=int, default=1, help="Ulysses sequence-parallel degree (1)")
-        _add(p, "ring_degree", type=int, default=1, help="Ring sequence-parallel degree (1)")
-        _add(p, "pipefusion_parallel_degree", type=int, default=1, help="PipeFusion stages (1)")
-        _add(p, "num_pipeline_patch", type=int, default=None, help="PipeFusion patches (default: the degree)")
-        _add(p, "attn_layer_num_for_pp", type=int, nargs="+", default=None, help="blocks per PipeFusion stage")
-        _add(p, "use_parallel_vae", action="store_true", help="patch-parallel VAE decode (distvae)")
-        _add(p, "use_torch_compile", action="store_true",
-             help="torch.compile each transformer block once (regional compilation; cache decisions and SP exchanges stay eager)")
-        _add(p, "attention_backend", default="auto", choices=ATTENTION_BACKENDS,
-             help="USP attention kernel: auto = flash-attn on CUDA when installed, else torch SDPA; cpu on CPU (auto)")
-        m = parser.add_argument_group("memory")
-        _add(m, "enable_tiling", action="store_true", help="decode the latents in VAE tiles (diffusers' vae.enable_tiling)")
-        _add(m, "enable_slicing", action="store_true", help="decode one sample at a time (diffusers' vae.enable_slicing)")
-        _add(m, "enable_model_cpu_offload", action="store_true",
-             help="keep each model on the CPU until it runs (diffusers' enable_model_cpu_offload; one process only)")
-        _add(m, "enable_sequential_cpu_offload", action="store_true",
-             help="stream every submodule to the GPU as it runs: least memory, slowest (one process only)")
-        _add(p, "collective_timeout", type=float, default=120.0,
-             help="seconds a collective may wait for its peers before the run ends naming the group, operation and "
-                  "peers (120; start-up, while peers load the model, may wait 600: XFUSER_STARTUP_TIMEOUT)")
-        c = parser.add_argument_group("caching")
-        _add(c, "cache_method", default=None, choices=CACHE_METHODS, help="cache method (Fast)")
-        _add(c, "use_teacache", action="store_true", help="xDiT's spelling of --cache_method Tea")
-        _add(c, "use_fbcache", action="store_true", help="xDiT's spelling of --cache_method Fb")
-        _add(c, "cache_ratio_threshold", type=float, default=0.05, help="main threshold of every method; larger skips more (0.05)")
-        _add(c, "motion_threshold", type=float, default=0.1, help="FastCache static-token threshold; 0 disables (0.1)")
-        _add(c, "significance_level", type=float, default=0.05, help="FastCache χ² test α; smaller skips more (0.05)")
-        _add(c, "cache_warmup_steps", type=int, default=1, help="first steps that always compute (1)")
-        _add(c, "max_cached_steps", type=int, default=-1, help="max consecutive cached steps, -1 = no cap (-1)")
-        _add(c, "approximation", default="learned", choices=list(APPROXIMATIONS),
-             help="FastCache's stand-in for a skipped block: learned (calibrated forecast, default; extrapolate "
-                  "when the model has no calibration) | extrapolate (first-order forecast) | reuse | fitted | auto")
-        _add(c, "fastcache_calibration", default=None,
-             help="FastCache calibration file from `python -m xfuser.model_executor.cache.calibrate --method Fast` "
-                  "(default: fastcache.safetensors beside the model)")
-        _add(c, "tea_coefficients", default=None, help="JSON file from the calibrate command (TeaCache)")
-        _add(c, "debug_cache_agreement", action="store_true", help="verify cache decisions match on all ranks")
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add every field as ``--name`` (and ``--name-with-dashes``), grouped as declared."""
+        groups: dict[str, argparse._ArgumentGroup] = {}
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if default is False:
+                _add(group, f.name, action="store_true", help=meta["help"])
+                continue
+            shown = "" if default in (None, "") or "(default" in meta["help"] else f" (default: {_shown(default)})"
+            _add(group, f.name, default=default, help=meta["help"] + shown, **meta["cli"])
         return parser
 
     @classmethod
@@ -228,7 +250,6 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
                 vae_slicing=self.enable_slicing,
                 cpu_offload=cpu_offload,
                 collective_timeout_s=self.collective_timeout,
-                debug_cache_agreement=self.debug_cache_agreement,
             ),
             parallel_config=parallel,
             cache_config=CacheConfig(

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 CACHE_METHODS = ("None", "Fast", "Fb", "Tea")
 APPROXIMATIONS = ("learned", "extrapolate", "reuse", "fitted", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DEFAULT_PROMPT = "a red circle on a blue background, top left"  # a caption the embedded model knows
 #: USP attention kernels (``auto``: flash-attn on CUDA when installed, else torch SDPA; the CPU
 #: flash kernel on CPU); see xfuser/core/attention/kernels.py
 ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "cpu")
@@ -138,8 +140,7 @@ class RuntimeConfig:
     use_torch_compile: compile the transformer (off). collective_timeout_s: seconds any
     collective may wait for its peers before raising (120: a stuck job ends in 2 minutes, yet a
     PipeFusion stage may wait that long for earlier stages compiling their first step; the
-    start-up, where a peer may still be loading its model, waits up to 600). debug_cache_agreement: check after every step
-    that all ranks of a forward took identical cache decisions (off; costs one gather/step).
+    start-up, where a peer may still be loading its model, waits up to 600).
     pipefusion_step_overlap: PipeFusion's stage 0 starts step t+1 on a patch as soon as the
     last stage has stepped it, so the pipeline fills once per generation instead of once per
     step (on; off = ``--pipefusion_sync_steps``, same numerics, one bubble per step).
@@ -150,7 +151,6 @@ class RuntimeConfig:
     warmup_steps: int = 1
     use_torch_compile: bool = False
     collective_timeout_s: float = 120.0
-    debug_cache_agreement: bool = False
     pipefusion_step_overlap: bool = True
     attention_backend: str = "auto"
     vae_tiling: bool = False
@@ -257,7 +257,7 @@ class InputConfig:
     .npy, pt/latent as .pt). max_sequence_length: text tokens, >= 1 and, where the checkpoint's
     files say, at most its tokenizer's ``model_max_length``."""
 
-    prompt: list[str] = field(default_factory=lambda: ["a red circle on a blue background, top left"])
+    prompt: list[str] = field(default_factory=lambda: [DEFAULT_PROMPT])
     negative_prompt: str | list[str] = ""
     height: int | None = None
     width: int | None = None
@@ -305,8 +305,8 @@ class InputConfig:
                 f"--negative_prompt is ignored when --guidance_scale is {self.guidance_scale} (<= 1 turns "
                 "classifier-free guidance off); raise --guidance_scale above 1 or drop --negative_prompt"
             )
-        if self.output_type not in ("pil", "np", "latent", "pt"):
-            raise ConfigError(f"--output_type must be pil, np, pt or latent, got {self.output_type!r}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise ConfigError(f"--output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
 
     @property
     def batch_size(self) -> int:
@@ -322,10 +322,6 @@ class EngineConfig:
     runtime_config: RuntimeConfig = field(default_factory=RuntimeConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     cache_config: CacheConfig = field(default_factory=CacheConfig)
-
-    def validate(self, inputs: "InputConfig") -> None:
-        """Cross-check against one request; see :func:`validate_engine_and_input`."""
-        validate_engine_and_input(self, inputs)
 
 
 def validate_engine_and_input(engine: EngineConfig, inputs: InputConfig) -> None:

@@ -193,7 +193,7 @@ def _consisid(seed: int):
 
 
 def _stepvideo(seed: int):
-    from xfuser.model_executor.models.stepvideo.pipeline import build_tiny_stepvideo_pipeline
+    from xfuser.testing.tiny_stepvideo import build_tiny_stepvideo_pipeline
 
     return build_tiny_stepvideo_pipeline(seed)
 
@@ -246,7 +246,7 @@ def tiny_call_kwargs(model_type: str, seed: int = 0) -> dict[str, Any]:
             id_cond=torch.randn(1, 16, generator=g), id_vit_hidden=[torch.randn(1, 5, 16, generator=g) for _ in range(2)],
         )
     elif model_type == "stepvideo":
-        from xfuser.model_executor.models.stepvideo.pipeline import tiny_stepvideo_call_kwargs
+        from xfuser.testing.tiny_stepvideo import tiny_stepvideo_call_kwargs
 
         kwargs = tiny_stepvideo_call_kwargs(seed)
     else:
@@ -291,3 +291,32 @@ def calibrate_tiny_fastcache(model_type: str, path: str | Path, steps: int, seed
         kwargs.pop(key, None)
     trajectories = record_trajectories(pipe, ["a red circle", "a blue square on a white background"], steps, seed=seed, **kwargs)
     return fit_forecast(trajectories, pipe.transformer, max_gap=max_gap).save(path)
+
+
+def _tiny_call_defaults(model_type: str) -> dict[str, Any]:
+    kwargs = tiny_call_kwargs(model_type)
+    for key in ("prompt", "generator", "num_inference_steps", "output_type"):
+        kwargs.pop(key, None)
+    return kwargs
+
+
+def _register_model_types() -> None:
+    """``--model_type tiny-<family>`` and ``pixart-sigma-random`` for the examples and benchmarks:
+    registered into the library from here, so the library never imports test code."""
+    from xfuser.model_executor.pipelines.model_types import register_model_type
+
+    for family in TINY_MODEL_TYPES:
+        register_model_type(
+            f"tiny-{family}",
+            lambda dtype=torch.float32, _family=family: build_tiny_pipeline(_family, dtype=dtype),
+            lambda _family=family: _tiny_call_defaults(_family),
+            video=family.startswith(("cogvideox", "consisid", "stepvideo")),
+        )
+    def random_pixart(dtype: torch.dtype = torch.float32, layers: int = 12, hidden: int = 384):
+        pipe = build_random_pixart_sigma(num_layers=layers, hidden=hidden)
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+    register_model_type("pixart-sigma-random", random_pixart)
+
+
+_register_model_types()

@@ -1,4 +1,5 @@
-"""Process groups of one run: world, dp, cfg, pp, sp (= ulysses x ring), and the replica group.
+"""Process groups of one run: world, dp, cfg, pp, sp (= ulysses x ring), and cfg_sp (the CFG x SP
+peers of one stage, which share every cache decision).
 
 Rank order (documented in docs/architecture.md): sequence parallel is fastest-varying, then
 pipeline stage, then CFG branch, with data parallel outermost::
@@ -42,7 +43,7 @@ from xfuser.logger import init_logger
 
 logger = init_logger(__name__)
 
-GROUP_KINDS = ("dp", "cfg", "pp", "sp", "ulysses", "ring", "cfg_sp", "replica")
+GROUP_KINDS = ("dp", "cfg", "pp", "sp", "ulysses", "ring", "cfg_sp")
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,6 @@ class RankLayout:
             "ulysses": ("ulysses",),
             "ring": ("ring",),
             "cfg_sp": ("cfg", "ring", "ulysses"),
-            "replica": ("cfg", "pp", "ring", "ulysses"),
         }[kind]
         fixed = [d for d in ("dp", "cfg", "pp", "ring", "ulysses") if d not in varying]
         out = []
@@ -366,11 +366,6 @@ def get_cfg_sp_group() -> GroupCoordinator:
     """CFG x SP peers of one pipeline stage: the ranks that share each block's forward, hence
     the sync group of cache decisions."""
     return _get("cfg_sp")
-
-
-def get_replica_group() -> GroupCoordinator:
-    """All ranks that together compute one replica's forward pass (cfg x pp x sp)."""
-    return _get("replica")
 
 
 def all_coordinators() -> dict[str, GroupCoordinator]:

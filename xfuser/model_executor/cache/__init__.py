@@ -1,6 +1,6 @@
 """The cache subsystem: CacheManager + block adapters + methods (Fast, Fb, Tea, None)."""
 from xfuser.model_executor.cache.adapters import adapter_for, supported_transformers
-from xfuser.model_executor.cache.manager import CacheManager, CachedBlock, get_cache_manager
+from xfuser.model_executor.cache.manager import CacheManager, CachedBlock
 from xfuser.model_executor.cache.methods import METHODS, method_class
 from xfuser.model_executor.cache.sync import CoordinatorSync, SyncGroup
 
@@ -11,7 +11,6 @@ __all__ = [
     "CoordinatorSync",
     "SyncGroup",
     "adapter_for",
-    "get_cache_manager",
     "method_class",
     "supported_transformers",
 ]

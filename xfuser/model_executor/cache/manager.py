@@ -356,6 +356,3 @@ class CacheManager:
     def decision_log(self) -> list[tuple]:
         return self.merged_stats().decision_log()
 
-
-def get_cache_manager(transformer: nn.Module) -> CacheManager | None:
-    return getattr(transformer, "_xfuser_cache_manager", None)

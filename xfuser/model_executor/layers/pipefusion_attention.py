@@ -36,11 +36,6 @@ class PatchKVContext:
     def reset(self) -> None:
         self.buffers.clear()
 
-    @property
-    def buffer_bytes(self) -> int:
-        """Bytes of stale K/V this rank keeps (every self-attention layer of its stage)."""
-        return sum(2 * k.numel() * k.element_size() for k, _ in self.buffers.values())
-
     def set_patch(self, start: int, end: int, num_tokens: int) -> None:
         self.start, self.end, self.num_tokens = start, end, num_tokens
 

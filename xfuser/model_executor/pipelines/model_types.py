@@ -3,14 +3,17 @@
 A model type fixes the diffusers pipeline class, the checkpoint used when ``--model`` is not
 given, and the size used for hub ids (768 px, as xDiT's examples; the embedded model and local
 folders run at their native size).
-``tiny-<family>`` builds the random tiny pipeline of the test suite (no files needed);
-``pixart-sigma-random`` a random 12-block PixArt-Σ at 256 px (for timing, not quality).
+Model types built in memory rather than loaded (``tiny-<family>``, the random tiny pipelines
+of the test suite; ``pixart-sigma-random``, a random 12-block PixArt-Σ at 256 px for timing)
+are registered from outside with :func:`register_model_type`: ``xfuser.testing.tiny_pipelines``
+registers its own on import, so this library module never imports test code.
 Every checkpoint goes through ``DiffusionPipeline.from_pretrained`` so a real hub folder and a
 locally saved one take the same path.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,23 +41,35 @@ MODEL_TYPES: dict[str, ModelType] = {
     # not in diffusers: our StepVideoPipeline (official transformer layout; see its module docstring)
     "stepvideo": ModelType("StepVideoPipeline", "stepfun-ai/stepvideo-t2v", None, video=True),
 }
-RANDOM_TYPES = ("pixart-sigma-random",)
+
+
+@dataclass(frozen=True)
+class BuiltModelType:
+    """A model type made in memory: ``build(dtype=..., **kwargs)`` returns the pipeline and
+    ``call_defaults()`` the size/frames/guidance it runs at (no prompt, steps or generator)."""
+
+    build: Callable[..., Any]
+    call_defaults: Callable[[], dict[str, Any]] = field(default=dict)
+    video: bool = False
+
+
+_BUILT: dict[str, BuiltModelType] = {}
+
+
+def register_model_type(name: str, build: Callable[..., Any], call_defaults: Callable[[], dict[str, Any]] = dict,
+                        video: bool = False) -> None:
+    """Make ``--model_type name`` build its pipeline with ``build`` (see :class:`BuiltModelType`)."""
+    if name in MODEL_TYPES:
+        raise ValueError(f"model type {name!r} is a checkpoint type; choose another name")
+    _BUILT[name] = BuiltModelType(build, call_defaults, video)
 
 
 def all_model_types() -> list[str]:
-    from xfuser.testing.tiny_pipelines import TINY_MODEL_TYPES
-
-    return [*MODEL_TYPES, *RANDOM_TYPES, *(f"tiny-{t}" for t in TINY_MODEL_TYPES)]
+    return [*MODEL_TYPES, *_BUILT]
 
 
 def video_model_types() -> list[str]:
-    from xfuser.testing.tiny_pipelines import TINY_MODEL_TYPES
-
-    return [*(t for t, e in MODEL_TYPES.items() if e.video), *(f"tiny-{t}" for t in TINY_MODEL_TYPES if _is_video_tiny(t))]
-
-
-def _is_video_tiny(family: str) -> bool:
-    return family.startswith(("cogvideox", "consisid", "stepvideo"))
+    return [*(t for t, e in MODEL_TYPES.items() if e.video), *(t for t, e in _BUILT.items() if e.video)]
 
 
 def pipeline_class(name: str):
@@ -95,27 +110,16 @@ def default_size(model_type: str, model: str | None) -> int | None:
 
 
 def call_defaults(model_type: str) -> dict[str, Any]:
-    """Size/frames/guidance a ``tiny-*`` type runs at (what the test suite uses); {} otherwise."""
-    if not model_type.startswith("tiny-"):
-        return {}
-    from xfuser.testing.tiny_pipelines import tiny_call_kwargs
-
-    kwargs = tiny_call_kwargs(model_type[len("tiny-"):])
-    for key in ("prompt", "generator", "num_inference_steps", "output_type"):
-        kwargs.pop(key, None)
-    return kwargs
+    """Size/frames/guidance a built type runs at (a ``tiny-*`` type: what the test suite uses);
+    {} for checkpoint types."""
+    entry = _BUILT.get(model_type)
+    return {} if entry is None else dict(entry.call_defaults())
 
 
-def load_pipeline(model_type: str, model: str | None = None, dtype: torch.dtype = torch.float32, **random_kwargs: Any):
+def load_pipeline(model_type: str, model: str | None = None, dtype: torch.dtype = torch.float32, **build_kwargs: Any):
     """The pipeline for ``--model_type``/``--model`` (validated first: nothing loads on bad input)."""
     check_model_type(model_type)
-    if model_type.startswith("tiny-"):
-        from xfuser.testing.tiny_pipelines import build_tiny_pipeline
-
-        return build_tiny_pipeline(model_type[len("tiny-"):], dtype=dtype)
-    if model_type == "pixart-sigma-random":
-        from xfuser.testing.tiny_pipelines import build_random_pixart_sigma
-
-        return build_random_pixart_sigma(**random_kwargs).to(dtype=dtype)
+    if model_type in _BUILT:
+        return _BUILT[model_type].build(dtype=dtype, **build_kwargs)
     cls = pipeline_class(MODEL_TYPES[model_type].pipeline_class)
     return cls.from_pretrained(resolve_model(model_type, model), dtype=dtype)

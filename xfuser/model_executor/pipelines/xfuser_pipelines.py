@@ -2,14 +2,15 @@
 
 Each class only names the diffusers pipeline it loads; loading returns an :class:`xDiTParallel`
 runner (parallel groups, USP, CFG split and the cache installed), so there is one runner and
-one denoising loop for every model. Adding a model is one line in ``PIPELINES``.
+one denoising loop for every model. Adding a model is a three-line subclass naming its
+diffusers class.
 """
 from __future__ import annotations
 
 from typing import Any
 
-
 from xfuser.config.config import EngineConfig, InputConfig
+
 
 class xFuserPipelineBase:  # noqa: N801
     diffusers_class: str = ""
@@ -31,16 +32,43 @@ class xFuserPipelineBase:  # noqa: N801
         return xDiTParallel(pipe, engine_config, input_config or InputConfig())
 
 
-PIPELINES = {
-    "xFuserPixArtSigmaPipeline": "PixArtSigmaPipeline",
-    "xFuserPixArtAlphaPipeline": "PixArtAlphaPipeline",
-    "xFuserFluxPipeline": "FluxPipeline",
-    "xFuserHunyuanDiTPipeline": "HunyuanDiTPipeline",
-    "xFuserCogVideoXPipeline": "CogVideoXPipeline",
-    "xFuserConsisIDPipeline": "ConsisIDPipeline",
-}
+class xFuserPixArtSigmaPipeline(xFuserPipelineBase):  # noqa: N801
+    """Loads diffusers' ``PixArtSigmaPipeline`` under :class:`xDiTParallel`."""
 
-for _name, _diffusers in PIPELINES.items():
-    globals()[_name] = type(_name, (xFuserPipelineBase,), {"diffusers_class": _diffusers, "__doc__": f"Loads diffusers' {_diffusers} under xDiTParallel."})
+    diffusers_class = "PixArtSigmaPipeline"
+
+
+class xFuserPixArtAlphaPipeline(xFuserPipelineBase):  # noqa: N801
+    """Loads diffusers' ``PixArtAlphaPipeline`` under :class:`xDiTParallel`."""
+
+    diffusers_class = "PixArtAlphaPipeline"
+
+
+class xFuserFluxPipeline(xFuserPipelineBase):  # noqa: N801
+    """Loads diffusers' ``FluxPipeline`` under :class:`xDiTParallel`."""
+
+    diffusers_class = "FluxPipeline"
+
+
+class xFuserHunyuanDiTPipeline(xFuserPipelineBase):  # noqa: N801
+    """Loads diffusers' ``HunyuanDiTPipeline`` under :class:`xDiTParallel`."""
+
+    diffusers_class = "HunyuanDiTPipeline"
+
+
+class xFuserCogVideoXPipeline(xFuserPipelineBase):  # noqa: N801
+    """Loads diffusers' ``CogVideoXPipeline`` under :class:`xDiTParallel`."""
+
+    diffusers_class = "CogVideoXPipeline"
+
+
+class xFuserConsisIDPipeline(xFuserPipelineBase):  # noqa: N801
+    """Loads diffusers' ``ConsisIDPipeline`` under :class:`xDiTParallel`."""
+
+    diffusers_class = "ConsisIDPipeline"
+
+
+#: xDiT class name -> the diffusers pipeline it loads
+PIPELINES: dict[str, str] = {cls.__name__: cls.diffusers_class for cls in xFuserPipelineBase.__subclasses__()}
 
 __all__ = ["PIPELINES", "xFuserPipelineBase", *PIPELINES]

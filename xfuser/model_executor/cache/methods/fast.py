@@ -79,7 +79,7 @@ class FastCache(CacheMethod):
 
     def __init__(self, manager) -> None:
         super().__init__(manager)
-        self.approximation = getattr(self.config, "approximation", "extrapolate")
+        self.approximation = self.config.approximation
         self.forecast: LearnedForecast | None = None
         self.forecast_source: str | None = None
         self.forecast_explicit = False

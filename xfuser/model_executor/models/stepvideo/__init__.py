@@ -5,7 +5,6 @@ from xfuser.model_executor.models.stepvideo.pipeline import StepVideoPipeline, S
 from xfuser.model_executor.models.stepvideo.transformer import (
     StepVideoTransformer3DModel,
     StepVideoTransformerBlock,
-    build_tiny_stepvideo_transformer,
 )
 
 __all__ = [
@@ -13,5 +12,4 @@ __all__ = [
     "StepVideoPipelineOutput",
     "StepVideoTransformer3DModel",
     "StepVideoTransformerBlock",
-    "build_tiny_stepvideo_transformer",
 ]

@@ -458,17 +458,3 @@ class StepVideoTransformer3DModel(ModelMixin, ConfigMixin):
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
-
-
-# ---------------------------------------------------------------------------- tiny model
-TINY_STEPVIDEO_CONFIG: dict[str, Any] = dict(
-    num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=2, patch_size=2,
-    caption_channels=[32, 32], attention_type="parallel",
-)
-
-
-def build_tiny_stepvideo_transformer(seed: int = 0) -> StepVideoTransformer3DModel:
-    """2 blocks, 2 heads x 16 dims, patch 2, 4 latent channels, text widths 32/32: for tests
-    only (random weights). Same seed, same weights."""
-    torch.manual_seed(seed)
-    return StepVideoTransformer3DModel(**TINY_STEPVIDEO_CONFIG).eval()

@@ -1,1 +1,0 @@
-"""pipefusion package."""
