@@ -20,7 +20,6 @@ the grid, charts and report.html (benchmark/report.py).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -34,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from xfuser import strict_json  # noqa: E402
 from xfuser import xFuserFastCachePipelineWrapper  # noqa: E402
 from xfuser.config import CacheConfig  # noqa: E402
 from xfuser.logger import init_logger  # noqa: E402
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             record(result, peer.method, peer.threshold, "peer", result["baseline_latency_s"])
 
     path = out_dir / "results.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
+    path.write_text(strict_json.dumps(report, indent=2, default=str))
     logger.info("wrote %s", path)
     if args.report:
         from report import main as report_main
@@ -317,4 +317,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from xfuser.cli import run_script  # bad input: one `error:` line, exit 2
+
+    run_script(main)

@@ -27,6 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xfuser.logger import init_logger  # noqa: E402
+from xfuser import strict_json  # noqa: E402
 
 logger = init_logger("benchmark.report")
 
@@ -54,17 +55,16 @@ _MISSING = "—"
 
 
 def load_results(path: str | Path) -> dict:
-    """Read a ``results.json`` (``Infinity``/``NaN`` allowed, as Python's json writes them)."""
+    """Read a ``results.json`` (strict JSON as the benchmarks write it; older files with Python's
+    ``Infinity``/``NaN`` still load)."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
 def _num(value: Any) -> Optional[float]:
-    """``value`` as a float, or None when missing / not a number / NaN (±inf is kept)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return None if math.isnan(value) else value
+    """``value`` as a float, or None when missing / not a number / NaN (±inf is kept, whether
+    written as strict JSON's ``"Infinity"`` or as Python's ``Infinity``)."""
+    return strict_json.number(value)
 
 
 def _psnr_key(run: dict) -> float:

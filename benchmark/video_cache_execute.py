@@ -14,7 +14,6 @@ draws the same grid, charts and ``report.html`` from it, with a per-frame table 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -28,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from xfuser import strict_json  # noqa: E402
 from xfuser import xFuserFastCachePipelineWrapper  # noqa: E402
 from xfuser.config import CacheConfig  # noqa: E402
 from xfuser.logger import init_logger  # noqa: E402
@@ -176,12 +176,12 @@ def main(argv: list[str] | None = None, extra_call: dict[str, Any] | None = None
                 "cache_state_bytes": stats["cache_state_bytes"]["total"],
                 "images": [bench.save(name, frames)],
             }
-            (out_dir / f"{name}_stats.json").write_text(json.dumps(stats, indent=2))
+            (out_dir / f"{name}_stats.json").write_text(strict_json.dumps(stats, indent=2))
             report["runs"].append(run)
             logger.info("%s: %.2fx, PSNR %.2f dB (per frame %s), SSIM %.4f, hit %.2f", run["label"], run["speedup"], psnr_mean,
                         " ".join(f"{p:.1f}" for p in frame_psnr), run["ssim_mean"], run["hit_ratio"])
     path = out_dir / "results.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
+    path.write_text(strict_json.dumps(report, indent=2, default=str))
     logger.info("wrote %s", path)
     if args.report:
         from report import main as report_main
@@ -191,4 +191,6 @@ def main(argv: list[str] | None = None, extra_call: dict[str, Any] | None = None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from xfuser.cli import run_script  # bad input: one `error:` line, exit 2
+
+    run_script(main)

@@ -11,7 +11,6 @@ process after an untimed warm-up, PSNR/SSIM vs the uncached image).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from xfuser import strict_json  # noqa: E402
 from xfuser import xFuserFastCachePipelineWrapper  # noqa: E402
 from xfuser.config import CacheConfig  # noqa: E402
 from xfuser.logger import init_logger  # noqa: E402
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["psnr"] = psnr(image, baseline)
         result["ssim"] = ssim(image, baseline)
     result["cache"] = stats
-    (out_dir / f"{name}_stats.json").write_text(json.dumps(result, indent=2, default=str))
+    (out_dir / f"{name}_stats.json").write_text(strict_json.dumps(result, indent=2, default=str))
     logger.info("%s: %.3fs%s", name, result["latency_s"],
                 f", {result['speedup']:.2f}x vs uncached, PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}" if args.compare_baseline else "")
     if stats:
@@ -98,4 +98,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from xfuser.cli import run_script  # bad input: one `error:` line, exit 2
+
+    run_script(main)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -276,3 +277,17 @@ def test_script_runs_standalone(results_dir):
     assert proc.returncode == 0, proc.stderr
     assert "report.html" in proc.stderr  # the final path, via the logger
     assert (results_dir / "results.json").read_text() == FIXTURE.read_text()  # input left untouched
+
+
+def test_results_are_strict_json_and_the_report_reads_infinity_back():
+    """PSNR of identical images is +inf: written as the string "Infinity" (strict JSON that any
+    parser reads), NaN as null, and read back by the report as the number."""
+    import json
+
+    from xfuser import strict_json
+
+    text = strict_json.dumps({"psnr": [math.inf, 31.5], "worst": -math.inf, "ssim": math.nan})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}")) == {
+        "psnr": ["Infinity", 31.5], "worst": "-Infinity", "ssim": None}
+    assert [report._num(v) for v in ("Infinity", "-Infinity", None, 31.5, "n/a")] == [math.inf, -math.inf, None, 31.5, None]
+    assert report.fmt_psnr("Infinity") == "∞"

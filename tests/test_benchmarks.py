@@ -19,6 +19,22 @@ from xfuser.metrics import LPIPSUnavailable, lpips_scorer, psnr, relative_l2, ss
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _strict(path):
+    """A results file read as strict JSON (a bare ``Infinity``/``NaN`` fails the test), with the
+    strings the benchmarks write for ±inf turned back into floats."""
+    def reject(constant):
+        raise AssertionError(f"{path} is not strict JSON: it contains {constant}")
+
+    def numbers(obj):
+        if isinstance(obj, dict):
+            return {k: numbers(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [numbers(v) for v in obj]
+        return {"Infinity": math.inf, "-Infinity": -math.inf}.get(obj, obj) if isinstance(obj, str) else obj
+
+    return numbers(json.loads(path.read_text(), parse_constant=reject))
+
+
 def _load(path: str, name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / path)
     module = importlib.util.module_from_spec(spec)
@@ -150,7 +166,7 @@ def test_cache_execute_end_to_end_with_peers_and_report(tmp_path):
         "--thresholds", "0", "0.5", "--motion_threshold", "0", "--prompts", "a red circle", "a blue square",
         "--peer_thresholds", "0.5", "--report", "--output_dir", str(out),
     ]) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = _strict(out / "results.json")
     assert results["lpips"]["available"] or results["lpips"]["reason"].startswith("skipped")
     assert set(results["overhead"]) == {"Fast", "Fb", "Tea"}
     kinds = {(r["method"], r["kind"]) for r in results["runs"]}
@@ -172,7 +188,7 @@ def test_run_fastcache_test_compares_with_the_uncached_image(tmp_path):
         "--cache_ratio_threshold", "0", "--compare_baseline", "--output_dir", str(tmp_path),
     ])
     assert result["psnr"] == math.inf and result["speedup"] > 0
-    stats = json.loads((tmp_path / "tiny-pixart-sigma_Fb_stats.json").read_text())
+    stats = _strict(tmp_path / "tiny-pixart-sigma_Fb_stats.json")
     assert stats["cache"]["method"] == "Fb" and stats["cache"]["num_steps"] == 3
     assert (tmp_path / "tiny-pixart-sigma_Fb.png").is_file() and (tmp_path / "tiny-pixart-sigma_None.png").is_file()
 
@@ -195,7 +211,7 @@ def test_benchmark_shell_script_writes_the_report(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
-    results = json.loads((out / "results.json").read_text())
+    results = _strict(out / "results.json")
     assert {r["method"] for r in results["runs"]} == {"Fast", "Fb", "Tea"}
     assert (out / "report.html").is_file() and (out / "comparison_grid.png").is_file()
 
@@ -207,7 +223,7 @@ def test_video_benchmark_end_to_end(tmp_path):
         "--model_type", "tiny-cogvideox", "--num_inference_steps", "2", "--num_frames", "5",
         "--cache_methods", "All", "--cache_ratio_threshold", "0", "--motion_threshold", "0", "--output_dir", str(out),
     ]) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = _strict(out / "results.json")
     frames = results["num_frames"]  # what the tiny VAE decodes 2 latent frames into
     assert frames >= 3
     assert {r["method"] for r in results["runs"]} == {"Fast", "Fb", "Tea"}
@@ -277,7 +293,7 @@ def test_parallel_benchmark_under_torchrun(tmp_path):
         nproc_per_node=2, timeout_s=240, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "results_parallel.json").read_text())
+    report = _strict(out / "results_parallel.json")
     assert report["parallel"]["ulysses"] == 2 and len(report["per_rank"]) == 2
     for rank in report["per_rank"]:
         fb = rank["Fb"]

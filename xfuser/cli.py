@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from xfuser import strict_json
 from xfuser.config import EngineConfig, xFuserArgs
 from xfuser.config.config import ConfigError
 from xfuser.logger import init_logger
@@ -71,7 +72,9 @@ def load_pipeline(pipeline_cls, engine: EngineConfig):
     except (OSError, ValueError) as exc:
         described = describe_model_dir(model)
         if described is None:
-            raise
+            from xfuser.model_executor.pipelines.model_types import unreachable_model_error
+
+            raise unreachable_model_error(model, exc) from exc
         listing, missing = described
         reason = " ".join(str(exc).split())
         found = f"{', '.join(missing)} has a config.json but no weights file; " if missing else ""
@@ -113,6 +116,16 @@ def exit_with_error(exc: BaseException) -> NoReturn:
         # name to read past), so a bad flag and a bad value look alike to the user
         print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
+
+
+def run_script(main: Callable[[], int | None]) -> NoReturn:
+    """``sys.exit(main())`` for the benchmark and example scripts, with a :class:`ConfigError`
+    ending the run as one ``error:`` line (see :func:`exit_with_error`) instead of a traceback."""
+    try:
+        code = main()
+    except ConfigError as exc:
+        exit_with_error(exc)
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 def save_arrays(output, directory: Path, name: str, output_type: str, dp_rank: int, dp_world: int) -> list[str]:
@@ -184,7 +197,7 @@ def _run(pipe, engine, inputs, ns, out_dir: Path, model_name: str, call_inputs) 
             stats = runner.get_cache_statistics()
             report["cache"] = {k: stats[k] for k in ("method", "hit_ratio", "compute_fraction", "flops_skipped_fraction")}
             stats_path = out_dir / f"{name}_stats.json"
-            stats_path.write_text(json.dumps(stats, indent=2))
+            stats_path.write_text(strict_json.dumps(stats, indent=2))
             report["stats_file"] = str(stats_path)
         if runner.peak_memory is not None:  # the generation's high-water mark on this rank's device
             report["peak_memory"] = runner.peak_memory.as_dict()

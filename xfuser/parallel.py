@@ -13,6 +13,7 @@ share of the prompts. The denoising loop is the pipeline's own, shared by every 
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from xfuser.model_executor.models.sequence_parallel import SequenceShard, check_
 from xfuser.model_executor.pipelines.call_args import (
     accepts, call_default, prepare_call_kwargs, requested_samples, schedule_length_of, scheduled_steps,
 )
-from xfuser.model_executor.pipelines.fastcache_pipeline import check_method_supported
+from xfuser.model_executor.pipelines.fastcache_pipeline import check_method_supported, xFuserFastCachePipelineWrapper
 from xfuser.model_executor.pipelines.input_checks import check_call_inputs, input_call_kwargs
 from xfuser.model_executor.pipelines.memory_options import check_memory_options, place_pipeline
 from xfuser.seeding import sample_generators
@@ -71,8 +72,24 @@ def _has_cfg(pipe) -> bool:
     return accepts(pipe, "guidance_scale") and accepts(pipe, "negative_prompt") and not hasattr(pipe.transformer.config, "guidance_embeds")
 
 
+def _take_over(wrapper: xFuserFastCachePipelineWrapper, engine: EngineConfig) -> tuple[Any, EngineConfig]:
+    """Upstream's ``xDiTParallel(fastcache_wrapper, engine_config, input_config)``: the wrapper's
+    cache settings (when it has a cache enabled) replace the engine's, and the wrapper is closed
+    so that the runner installs the cache on the bare pipeline, under its parallel layout."""
+    config = wrapper.cache_config if wrapper.manager is not None else None
+    wrapper.close()
+    if config is not None:
+        if engine.cache_config.enabled and engine.cache_config != config:
+            logger.info("xDiTParallel: the wrapper's cache (%s) replaces the engine's (%s)", config.method,
+                        engine.cache_config.method)
+        engine = dataclasses.replace(engine, cache_config=config)
+    return wrapper.pipe, engine
+
+
 class xDiTParallel:  # noqa: N801 - public name from xDiT
     def __init__(self, pipe, engine_config: EngineConfig, input_config: InputConfig) -> None:
+        if isinstance(pipe, xFuserFastCachePipelineWrapper):
+            pipe, engine_config = _take_over(pipe, engine_config)
         self.pipe = pipe
         self.engine = engine_config
         self.inputs = input_config

@@ -89,6 +89,26 @@ def _bind(pipe, args: tuple, kwargs: dict[str, Any] | None):
         return signature, None  # the pipeline itself will name the bad argument
 
 
+def keyword_call(pipe, args: tuple = (), kwargs: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """``pipe(*args, **kwargs)`` spelled with keywords only (positional arguments bound to their
+    names), or None when they do not bind (the pipeline itself will name the bad argument)."""
+    signature, bound = _bind(pipe, args, kwargs)
+    if bound is None:
+        return None
+    self_name = next(iter(signature.parameters))
+    call: dict[str, Any] = {}
+    for key, value in bound.arguments.items():
+        kind = signature.parameters[key].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None  # extra positional arguments have no name to check
+        elif key != self_name:
+            call[key] = value
+    return call
+
+
 def _default(signature: inspect.Signature, name: str) -> Any:
     param = signature.parameters.get(name)
     return None if param is None or param.default is inspect.Parameter.empty else param.default

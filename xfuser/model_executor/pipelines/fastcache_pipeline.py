@@ -19,8 +19,14 @@ from xfuser.memory import PeakMemory, peak_memory, reset_peak_memory
 from xfuser.model_executor.cache.adapters.base import BlockAdapter, adapter_for
 from xfuser.model_executor.cache.manager import CacheManager, check_installable
 from xfuser.model_executor.cache.sync import SyncGroup
-from xfuser.model_executor.pipelines.call_args import requested_samples, schedule_length_of, scheduled_steps
-from xfuser.model_executor.pipelines.input_checks import check_pipeline_call
+from xfuser.model_executor.pipelines.call_args import (
+    keyword_call,
+    prepare_call_kwargs,
+    requested_samples,
+    schedule_length_of,
+    scheduled_steps,
+)
+from xfuser.model_executor.pipelines.input_checks import check_call_inputs
 from xfuser.timing import model_device
 
 logger = init_logger(__name__)
@@ -106,7 +112,13 @@ class xFuserFastCachePipelineWrapper:  # noqa: N801 - public name fixed by the s
 
     # ------------------------------------------------------------------ running
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        check_pipeline_call(self.pipe, args, kwargs)
+        """Run the pipeline with the call arguments prepared as the CLI prepares them (the
+        model's native size and shipped call defaults where the caller gave none, resolution
+        binning off where the pipeline would reject that size), checked before compute."""
+        call = keyword_call(self.pipe, args, kwargs)
+        if call is not None:
+            args, kwargs = (), prepare_call_kwargs(self.pipe, call.pop("height", None), call.pop("width", None), **call)
+            check_call_inputs(self.pipe, kwargs)
         if self.manager is not None:
             steps = scheduled_steps(self.pipe, args, kwargs)
             if steps is not None and steps < 1:

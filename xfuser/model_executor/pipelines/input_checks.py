@@ -279,24 +279,3 @@ def check_call_inputs(pipe, kwargs: dict[str, Any]) -> None:
         found = None if binning else size_unit(pipe)
         if found is not None:
             _check_size(height, width, *found)
-
-
-def check_pipeline_call(pipe, args: tuple = (), kwargs: dict[str, Any] | None = None) -> None:
-    """:func:`check_call_inputs` for ``pipe(*args, **kwargs)`` as a caller wrote it (positional
-    arguments bound to their names first), e.g. in ``xFuserFastCachePipelineWrapper.__call__``."""
-    kwargs = dict(kwargs or {})
-    if args:
-        signature = _signature(pipe)
-        try:
-            bound = signature.bind_partial(pipe, *args, **kwargs)
-        except TypeError:
-            return  # the pipeline itself will name the bad argument
-        self_name = next(iter(signature.parameters))
-        kwargs = {}
-        for key, value in bound.arguments.items():
-            kind = signature.parameters[key].kind
-            if kind is inspect.Parameter.VAR_KEYWORD:
-                kwargs.update(value)
-            elif key != self_name and kind is not inspect.Parameter.VAR_POSITIONAL:
-                kwargs[key] = value
-    check_call_inputs(pipe, kwargs)

@@ -109,6 +109,22 @@ def default_size(model_type: str, model: str | None) -> int | None:
     return entry.hub_size
 
 
+def unreachable_model_error(model: str, exc: BaseException, model_type: str | None = None) -> BaseException:
+    """One line for a hub id that cannot be loaded here (not in the local cache, the hub out of
+    reach): which model, why, and what to pass instead. Other failures are returned unchanged."""
+    from pathlib import Path
+
+    text = str(exc).lower()
+    if Path(model).exists() or model.count("/") != 1 or not ("cache" in text or "connect" in text):
+        return exc
+    tiny = f"tiny-{model_type}" if model_type and f"tiny-{model_type}" in _BUILT else "tiny-<family>"
+    return ConfigError(
+        f"--model {model}: not in the local Hugging Face cache and the hub cannot be reached; pass "
+        f"--model DIR with a local copy of the checkpoint, the embedded trained model ({default_model_path()}), or "
+        f"--model_type {tiny} (random weights: it runs the plumbing, its quality numbers mean nothing)"
+    )
+
+
 def call_defaults(model_type: str) -> dict[str, Any]:
     """Size/frames/guidance a built type runs at (a ``tiny-*`` type: what the test suite uses);
     {} for checkpoint types."""
@@ -122,4 +138,8 @@ def load_pipeline(model_type: str, model: str | None = None, dtype: torch.dtype 
     if model_type in _BUILT:
         return _BUILT[model_type].build(dtype=dtype, **build_kwargs)
     cls = pipeline_class(MODEL_TYPES[model_type].pipeline_class)
-    return cls.from_pretrained(resolve_model(model_type, model), dtype=dtype)
+    resolved = resolve_model(model_type, model)
+    try:
+        return cls.from_pretrained(resolved, dtype=dtype)
+    except OSError as exc:
+        raise unreachable_model_error(resolved, exc, model_type) from exc
