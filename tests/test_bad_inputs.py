@@ -439,7 +439,7 @@ def _fake_model(root: Path, class_name: str, sample_size: int, tokenizer: dict |
 
 
 def test_file_checks_follow_binning_the_tokenizer_sentinel_and_the_second_tokenizer(tmp_path):
-    from xfuser.model_executor.pipelines.input_checks import size_unit_from_files, text_token_limit_from_files
+    from xfuser.config.model_files import size_unit_from_files, text_token_limit_from_files
 
     # PixArt with a binned sample size snaps any size to its table: no size check
     binned = _fake_model(tmp_path / "binned", "PixArtSigmaPipeline", 128, {"model_max_length": 300}, None)

@@ -25,6 +25,7 @@ from xfuser.config.config import (
     validate_engine_and_input,
 )
 from xfuser.config.defaults import DEFAULT_MODEL
+from xfuser.config.model_files import check_model_files
 
 
 def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -278,4 +279,5 @@ class xFuserArgs:  # noqa: N801 - public name from xDiT
             max_sequence_length=self.max_sequence_length,
         )
         validate_engine_and_input(engine, inputs)
+        check_model_files(self.model, inputs)  # the checkpoint's JSON files, where on this machine
         return engine, inputs

@@ -325,12 +325,9 @@ class EngineConfig:
 
 
 def validate_engine_and_input(engine: EngineConfig, inputs: InputConfig) -> None:
-    """Checks that need both halves of the configuration, and the checks of the inputs against
-    the checkpoint's small JSON files when they are on this machine (no weights are read)."""
-    from xfuser.model_executor.pipelines.input_checks import check_model_files  # lazy: no torch
-
+    """Checks that need both halves of the configuration (``create_config`` adds those against
+    the checkpoint's JSON files, :func:`xfuser.config.model_files.check_model_files`)."""
     p, c = engine.parallel_config, engine.cache_config
-    check_model_files(engine.model_config.model, inputs)
     if p.cfg_degree == 2 and inputs.guidance_scale is not None and inputs.guidance_scale <= 1.0:
         raise ConfigError(
             f"--use_cfg_parallel needs classifier-free guidance, but --guidance_scale is {inputs.guidance_scale} "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from xfuser.config.model_files import BINNED_SAMPLE_SIZES
+
 
 def accepts(pipe, name: str) -> bool:
     return name in inspect.signature(type(pipe).__call__).parameters
@@ -28,12 +30,11 @@ def native_size(pipe) -> tuple[int, int] | None:
 
 
 # transformer sample sizes for which PixArt pipelines have an aspect-ratio table
-_BINNED_SAMPLE_SIZES = (32, 64, 128, 256)
 
 
 def binning_supported(pipe) -> bool:
     """False when the pipeline's resolution binning would raise for this transformer."""
-    return getattr(pipe.transformer.config, "sample_size", None) in _BINNED_SAMPLE_SIZES
+    return getattr(pipe.transformer.config, "sample_size", None) in BINNED_SAMPLE_SIZES
 
 
 def _caption_cleaning_available() -> bool:
