@@ -36,7 +36,17 @@ from xfuser.core.distributed import all_coordinators, destroy_distributed_enviro
 from xfuser.logger import init_logger  # noqa: E402
 from xfuser.metrics import psnr, relative_l2, ssim  # noqa: E402
 from xfuser.timing import summarize, timed  # noqa: E402
+from xfuser.config.defaults import DEFAULT_MODEL  # noqa: E402
 from xfuser.model_executor.pipelines.decode import decode_images  # noqa: E402
+import xfuser.testing.tiny_pipelines  # noqa: E402,F401 - registers the tiny-* and random model types
+from xfuser.model_executor.pipelines.model_types import (  # noqa: E402
+    all_model_types,
+    call_defaults,
+    check_model_type,
+    load_pipeline,
+    resolve_model,
+    unreachable_model_error,
+)
 
 logger = init_logger("benchmark.cache_execution_xfuser")
 
@@ -52,15 +62,41 @@ def reset_bytes() -> None:
     usp.reset_comm_bytes()
 
 
-def single_process_images(engine, inputs, methods: list[str]) -> dict[str, tuple[torch.Tensor, object]]:
-    """Latents and decoded image of the plain pipeline in one process (own copy), uncached
-    (key ``"plain"``) and with each cache method of ``methods`` under the same cache flags."""
+def load(model_type: str | None, engine):
+    """The pipeline: ``--model_type`` (upstream's spelling; built in memory for tiny-* types)
+    through the benchmarks' loader, else ``--model`` through ``DiffusionPipeline``."""
+    if model_type is not None:
+        model = None if engine.model_config.model == model_type else engine.model_config.model
+        return load_pipeline(model_type, model, dtype=engine.model_config.torch_dtype)
     from diffusers import DiffusionPipeline
 
+    try:
+        return DiffusionPipeline.from_pretrained(engine.model_config.model, dtype=engine.model_config.torch_dtype)
+    except OSError as exc:
+        raise unreachable_model_error(engine.model_config.model, exc) from exc
+
+
+def with_model_type(args: xFuserArgs, model_type: str | None) -> xFuserArgs:
+    """``args`` for ``--model_type``: its checkpoint unless ``--model`` was given, and a tiny
+    type's size, guidance and text length where the flags leave them unset."""
+    if model_type is None:
+        return args
+    check_model_type(model_type)
+    given = None if args.model == DEFAULT_MODEL else args.model
+    args.model = resolve_model(model_type, given) or model_type  # built in memory: the type names it
+    for key, value in call_defaults(model_type).items():
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def single_process_images(model_type: str | None, engine, inputs, methods: list[str]) -> dict[str, tuple[torch.Tensor, object]]:
+    """Latents and decoded image of the plain pipeline in one process (own copy), uncached
+    (key ``"plain"``) and with each cache method of ``methods`` under the same cache flags."""
     from xfuser import xFuserFastCachePipelineWrapper
     from xfuser.model_executor.pipelines.call_args import prepare_call_kwargs
 
-    pipe = DiffusionPipeline.from_pretrained(engine.model_config.model, dtype=engine.model_config.torch_dtype)
+    pipe = load(model_type, engine)
     pipe.set_progress_bar_config(disable=True)
     kwargs = prepare_call_kwargs(pipe, inputs.height, inputs.width)
     kwargs.update(prompt=inputs.prompt[:1], num_inference_steps=inputs.num_inference_steps, output_type="latent")
@@ -83,30 +119,31 @@ def single_process_images(engine, inputs, methods: list[str]) -> dict[str, tuple
     return images
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = xFuserArgs.add_cli_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.add_argument("--model_type", default=None, choices=all_model_types(),
+                        help="a model type of benchmark/cache_execute.py (upstream's spelling); its checkpoint unless "
+                             "--model is given, a tiny-* type is built in memory")
     parser.add_argument("--cache_methods", nargs="+", default=["None", "Fast", "Fb", "Tea"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output_dir", default="benchmark_results")
     parser.add_argument("--single_process_reference", action="store_true",
                         help="also compare every method with an uncached single-process run")
-    ns = parser.parse_args()
-    args = xFuserArgs.from_cli_args(ns)
+    ns = parser.parse_args(argv)
+    args = with_model_type(xFuserArgs.from_cli_args(ns), ns.model_type)
     args.cache_method = "None"
     args.output_type = "latent"
     engine, inputs = args.create_config()
 
-    from diffusers import DiffusionPipeline
-
     from xfuser.parallel import xDiTParallel
 
-    pipe = DiffusionPipeline.from_pretrained(engine.model_config.model, dtype=engine.model_config.torch_dtype)
+    pipe = load(ns.model_type, engine)
     torch.set_grad_enabled(False)
     single = None
     if ns.single_process_reference:
-        single = single_process_images(engine, inputs, ns.cache_methods)
+        single = single_process_images(ns.model_type, engine, inputs, ns.cache_methods)
     runner = xDiTParallel(pipe, engine, inputs)
-    results = {}
+    results, decoded = {}, {}
     reference = None
     try:
         for method in ["None", *[m for m in ns.cache_methods if m != "None"]]:
@@ -124,6 +161,7 @@ def main() -> int:
             image = decode_images(pipe, out.images, kwargs.get("height"), kwargs.get("width"))[0]
             if method == "None":
                 reference, reference_image = latents, image
+            decoded[method] = image
             stats = runner.get_cache_statistics()
             results[method] = {
                 "latency_s": summarize(times)["median_s"],
@@ -167,7 +205,12 @@ def main() -> int:
                 "num_inference_steps": inputs.num_inference_steps,
                 "cache_ratio_threshold": ns.cache_ratio_threshold,
                 "per_rank": everyone,
+                "images": {},
             }
+            for method, image in decoded.items():  # rank 0's image of its first prompt, per method
+                path = out_dir / f"{method}.png"
+                image.save(path)
+                report["images"][method] = path.name
             (out_dir / "results_parallel.json").write_text(strict_json.dumps(report, indent=2))
             for method, r in everyone[0].items():
                 logger.info(

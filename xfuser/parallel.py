@@ -44,6 +44,7 @@ from xfuser.model_executor.pipelines.call_args import (
 )
 from xfuser.model_executor.pipelines.fastcache_pipeline import check_method_supported, xFuserFastCachePipelineWrapper
 from xfuser.model_executor.pipelines.input_checks import check_call_inputs, input_call_kwargs
+from xfuser.model_executor.pipelines.input_warnings import warn_unusual_inputs
 from xfuser.model_executor.pipelines.memory_options import check_memory_options, place_pipeline
 from xfuser.seeding import sample_generators
 from xfuser.timing import timed
@@ -284,6 +285,7 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
             kwargs["negative_prompt"] = negative  # a pipeline without one is refused by check_call_inputs
         kwargs.update(overrides)
         check_call_inputs(self.pipe, kwargs)
+        warn_unusual_inputs(self.pipe, kwargs)
         if "generator" not in kwargs:
             # one generator per image, seeded by its index in the whole request (xfuser/seeding.py):
             # identical latents on every rank of a replica, and an image that depends only on

@@ -29,9 +29,6 @@ def native_size(pipe) -> tuple[int, int] | None:
     return int(sample) * scale, int(sample) * scale
 
 
-# transformer sample sizes for which PixArt pipelines have an aspect-ratio table
-
-
 def binning_supported(pipe) -> bool:
     """False when the pipeline's resolution binning would raise for this transformer."""
     return getattr(pipe.transformer.config, "sample_size", None) in BINNED_SAMPLE_SIZES

@@ -27,6 +27,7 @@ from xfuser.model_executor.pipelines.call_args import (
     scheduled_steps,
 )
 from xfuser.model_executor.pipelines.input_checks import check_call_inputs
+from xfuser.model_executor.pipelines.input_warnings import warn_unusual_inputs
 from xfuser.timing import model_device
 
 logger = init_logger(__name__)
@@ -119,6 +120,7 @@ class xFuserFastCachePipelineWrapper:  # noqa: N801 - public name fixed by the s
         if call is not None:
             args, kwargs = (), prepare_call_kwargs(self.pipe, call.pop("height", None), call.pop("width", None), **call)
             check_call_inputs(self.pipe, kwargs)
+            warn_unusual_inputs(self.pipe, kwargs)
         if self.manager is not None:
             steps = scheduled_steps(self.pipe, args, kwargs)
             if steps is not None and steps < 1:
