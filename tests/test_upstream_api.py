@@ -101,3 +101,20 @@ def test_a_hub_id_that_cannot_be_fetched_ends_in_one_line(monkeypatch, capsys):
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "--model nobody/not-a-model: not in the local Hugging Face cache" in errors[0]
+
+
+def test_upstream_combining_with_parallel_methods_as_written(pipe):
+    """Upstream's "combining with parallel methods": the runner made from the wrapper and called
+    with its own prompt and step count; the image is the wrapper's for that prompt and seed."""
+    engine, inputs = xFuserArgs(num_inference_steps=20, output_type="np").create_config(world_size=1)
+    wrapper = xFuserFastCachePipelineWrapper(pipe)
+    wrapper.enable_fastcache()
+    with xDiTParallel(wrapper, engine, inputs) as paralleler:
+        result = paralleler(prompt=[PROMPT, "a red circle on a white background, top left"], num_inference_steps=STEPS)
+        stats = paralleler.get_cache_statistics()
+    assert _images(result).shape == (2, 64, 64, 3) and stats["num_steps"] == STEPS
+    with xFuserFastCachePipelineWrapper(pipe) as alone:
+        alone.enable_fastcache()
+        second = alone(prompt=["a red circle on a white background, top left"], num_inference_steps=STEPS,
+                       output_type="np", generator=sample_generators(inputs.seed, 1, first_prompt=1))
+    np.testing.assert_allclose(_images(result)[1:], _images(second), rtol=0, atol=1e-5)  # same seed, same image

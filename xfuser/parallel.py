@@ -291,6 +291,9 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
             # identical latents on every rank of a replica, and an image that depends only on
             # (prompt, seed, index) -- not on its batch-mates or the data-parallel degree
             first, end = self._local_range()
+            if "prompt" in overrides:  # upstream's runner(prompt=...): the call's prompts, indexed from 0
+                prompt = overrides["prompt"]
+                first, end = 0, 1 if isinstance(prompt, str) else len(prompt)
             per_prompt = int(kwargs.get("num_images_per_prompt") or 1)
             kwargs["generator"] = sample_generators(self.inputs.seed, end - first, first, per_prompt)
         return kwargs
