@@ -3,6 +3,13 @@
     python benchmark/video_cache_execute.py --model_type cogvideox --model /data/CogVideoX1.5-5B \
         --num_frames 49 --height 480 --width 720 --cache_methods All
     python benchmark/video_cache_execute.py --model_type tiny-cogvideox --num_inference_steps 2 --num_frames 3
+    python benchmark/video_cache_execute.py --model_type consisid --face_image face.png --prompt "a man smiling"
+
+``--height``/``--width``/``--num_frames`` win over a model type's defaults; a size the model
+cannot take is refused with one ``error:`` line before compute. ConsisID takes its face from
+``--face_image`` (alias ``--img_file_path``, needs ConsisID's face models) or ``--face_embeddings``;
+with neither, a synthetic face is generated and logged (timing and caching are real, identity
+is meaningless).
 
 Every method runs on the same prompt and seed; the uncached video is the reference. Latency is
 the fastest of ``--repeats`` timed runs after an untimed warm-up, each method's speed-up taken
@@ -30,11 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from xfuser import strict_json  # noqa: E402
 from xfuser import xFuserFastCachePipelineWrapper  # noqa: E402
 from xfuser.config import CacheConfig  # noqa: E402
+from xfuser.config.config import ConfigError  # noqa: E402
 from xfuser.logger import init_logger  # noqa: E402
 from xfuser.metrics import psnr, relative_l2, ssim  # noqa: E402
 from xfuser.memory import peak_memory, reset_peak_memory  # noqa: E402
 from xfuser.timing import model_device, timed  # noqa: E402
+from xfuser.model_executor.pipelines.consisid_inputs import FACE_KEYS, add_face_args, check_face_args, face_call_inputs, is_consisid  # noqa: E402
 from xfuser.model_executor.pipelines.call_args import accepts, prepare_call_kwargs  # noqa: E402
+from xfuser.model_executor.pipelines.input_checks import check_call_inputs  # noqa: E402
 import xfuser.testing.tiny_pipelines  # noqa: E402,F401 - registers the tiny-* and random model types
 from xfuser.model_executor.pipelines.model_types import call_defaults, load_pipeline, resolve_model, video_model_types  # noqa: E402
 
@@ -62,11 +72,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="grid, charts, report.html")
     parser.add_argument("--output_dir", default="video_benchmark_results")
+    add_face_args(parser)  # ConsisID only
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    for flag in ("num_frames", "height", "width"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1")
     for t in args.cache_ratio_threshold:
         CacheConfig(method="Fast", cache_ratio_threshold=t, motion_threshold=args.motion_threshold)  # validates
+    check_face_args(args.face_image, args.face_embeddings)  # before anything loads
     return args
 
 
@@ -82,15 +97,37 @@ class VideoBench:
         self.pipe = load_pipeline(args.model_type, args.model)
         self.pipe.set_progress_bar_config(disable=True)
         self.wrapper = xFuserFastCachePipelineWrapper(self.pipe)
-        defaults = call_defaults(args.model_type)
-        self.kwargs = prepare_call_kwargs(self.pipe, args.height or defaults.pop("height", None), args.width or defaults.pop("width", None))
-        self.kwargs.update(defaults)
-        for key in ("num_frames", "guidance_scale", "max_sequence_length"):
-            if getattr(args, key) is not None:
-                self.kwargs[key] = getattr(args, key)
-        self.kwargs.update(extra_call or {})
+        self.kwargs = self.call_kwargs(args, extra_call or {})
         self.out_dir = Path(args.output_dir)
         self._latents: torch.Tensor | None = None
+
+    def call_kwargs(self, args: argparse.Namespace, extra_call: dict[str, Any]) -> dict[str, Any]:
+        """The type's defaults, overridden by explicit flags, then by ``extra_call``; ConsisID's
+        face inputs from the face flags (a built type's own synthetic face is dropped, so every
+        ConsisID run takes its face the same way)."""
+        defaults = call_defaults(args.model_type)
+        explicit = {k: getattr(args, k) for k in ("height", "width", "num_frames", "guidance_scale", "max_sequence_length")
+                    if getattr(args, k) is not None}
+        size = {k: defaults.pop(k, None) for k in ("height", "width")}
+        size.update((k, v) for k, v in explicit.items() if k in size)
+        kwargs = prepare_call_kwargs(self.pipe, size["height"], size["width"])
+        kwargs.update(defaults)
+        kwargs.update(explicit)
+        check_call_inputs(self.pipe, kwargs)  # a size the model cannot take: one error line, before compute
+        if is_consisid(self.pipe):
+            for key in FACE_KEYS:
+                kwargs.pop(key, None)
+            if "image" not in extra_call:
+                kwargs.update(face_call_inputs(
+                    self.pipe, face_image=args.face_image, face_embeddings=args.face_embeddings,
+                    model=resolve_model(args.model_type, args.model), height=kwargs.get("height"),
+                    width=kwargs.get("width"), seed=args.seed,
+                ))
+        elif args.face_image is not None or args.face_embeddings is not None:
+            raise ConfigError(f"--face_image/--face_embeddings: only ConsisID takes a face; --model_type {args.model_type} "
+                              f"loads {type(self.pipe).__name__}; drop the face flag")
+        kwargs.update(extra_call)
+        return kwargs
 
     def _keep_latents(self, pipe, step, timestep, callback_kwargs):
         self._latents = callback_kwargs["latents"].detach().clone()
@@ -127,14 +164,13 @@ class VideoBench:
 
 
 def main(argv: list[str] | None = None, extra_call: dict[str, Any] | None = None) -> int:
-    """``extra_call``: additional pipeline arguments (ConsisID's face inputs, when calling from Python)."""
+    """``extra_call``: additional pipeline arguments, winning over the flags (e.g. ConsisID's face
+    inputs prepared in Python)."""
     args = parse_args(argv)
     methods = list(METHODS) if "All" in args.cache_methods else [m for m in args.cache_methods if m != "None"]
     torch.set_grad_enabled(False)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.model_type == "consisid" and extra_call is None:
-        raise SystemExit("consisid needs face inputs: call main(argv, extra_call={...}) or use examples/consisid_example.py")
     bench = VideoBench(args, extra_call)
 
     baseline_s, ref_frames, ref_latents = bench.latency()
@@ -153,6 +189,11 @@ def main(argv: list[str] | None = None, extra_call: dict[str, Any] | None = None
         "lpips": {"available": False, "reason": "skipped: not computed for videos"},
     }
     logger.info("uncached: %.3fs, %d frames %dx%d", baseline_s, *ref_frames.shape[:3])
+    asked = {"num_frames": args.num_frames, "height": args.height, "width": args.width}
+    got = dict(zip(("num_frames", "height", "width"), (int(n) for n in ref_frames.shape[:3])))
+    changed = [f"--{k} {v} gave {got[k]}" for k, v in asked.items() if v is not None and v != got[k]]
+    if changed:  # e.g. a video VAE's temporal compression rounds the frame count
+        logger.warning("the model rounded the requested size: %s", ", ".join(changed))
     for method in methods:
         for threshold in args.cache_ratio_threshold:
             baseline_s = bench.latency()[0]

@@ -74,6 +74,11 @@ def load_pipeline(pipeline_cls, engine: EngineConfig):
         if described is None:
             from xfuser.model_executor.pipelines.model_types import unreachable_model_error
 
+            if not Path(model).exists() and str(model).count("/") != 1:
+                raise ConfigError(
+                    f"--model {model}: no such directory, and not a hub id (owner/name); give a diffusers checkpoint "
+                    "directory or a hub id"
+                ) from exc
             raise unreachable_model_error(model, exc) from exc
         listing, missing = described
         reason = " ".join(str(exc).split())

@@ -18,11 +18,18 @@ def accepts(pipe, name: str) -> bool:
 
 
 def native_size(pipe) -> tuple[int, int] | None:
-    """(height, width) in pixels the transformer was configured for, when it says."""
-    transformer = getattr(pipe, "transformer", None)
-    sample = getattr(getattr(transformer, "config", None), "sample_size", None)
+    """(height, width) in pixels the transformer was configured for, when it says: ``sample_size``
+    (image DiTs) or ``sample_height``/``sample_width`` (CogVideoX, ConsisID) in latent pixels."""
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    sample = getattr(config, "sample_size", None)
     scale = getattr(pipe, "vae_scale_factor", None)
-    if sample is None or scale is None:
+    if sample is None:
+        height, width = getattr(config, "sample_height", None), getattr(config, "sample_width", None)
+        spatial = getattr(pipe, "vae_scale_factor_spatial", None)
+        if isinstance(height, int) and isinstance(width, int) and isinstance(spatial, int):
+            return height * spatial, width * spatial
+        return None
+    if scale is None:
         return None
     if isinstance(sample, (tuple, list)):
         return int(sample[0]) * scale, int(sample[1]) * scale

@@ -143,3 +143,23 @@ def check_call_inputs(pipe, kwargs: dict[str, Any]) -> None:
         found = None if binning else size_unit(pipe)
         if found is not None:
             check_size(height, width, *found)
+        _check_rotary_size(pipe, height, width)
+
+
+def _check_rotary_size(pipe, height: Any, width: Any) -> None:
+    """CogVideoX 1.5 (temporal patches + 3-D RoPE) slices its rotary table, built for the
+    transformer's ``sample_height`` x ``sample_width`` latents, so a larger frame fails deep in
+    diffusers with a tensor-size error; refuse it here with the largest size that works."""
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    if (not type(pipe).__name__.startswith("CogVideoX") or config is None
+            or not getattr(config, "use_rotary_positional_embeddings", False) or getattr(config, "patch_size_t", None) is None):
+        return
+    p, scale = int(config.patch_size), int(pipe.vae_scale_factor_spatial)
+    for flag, value, sample, key in (("--height", height, config.sample_height, "sample_height"),
+                                     ("--width", width, config.sample_width, "sample_width")):
+        limit = int(sample) // p * p * scale
+        if isinstance(value, int) and value > limit:
+            raise ConfigError(
+                f"{flag} {value}: {type(pipe.transformer).__name__} with patch_size_t (CogVideoX 1.5) slices its rotary "
+                f"position table, built for {key}={sample} latents, so frames larger than {limit} px fail; use {flag} <= {limit}"
+            )

@@ -20,6 +20,8 @@ _WORD = re.compile(r"[A-Za-z]{3,}")
 def far_from_native(pipe, height: Any, width: Any) -> str | None:
     """The warning for ``height`` x ``width`` when its area is ``FAR_FACTOR`` times the model's
     native one or less than 1/``FAR_FACTOR`` of it, else None."""
+    if getattr(getattr(getattr(pipe, "transformer", None), "config", None), "sample_size", None) is None:
+        return None  # video DiTs' sample_height/width bound the rotary table rather than name a native size
     native = native_size(pipe)
     if native is None or not isinstance(height, int) or not isinstance(width, int):
         return None
