@@ -15,15 +15,23 @@ image vs the reference image, relative L2 of the final latents, LPIPS when its w
 available locally (otherwise a "skipped" line). Peers (``--peers``, on by default):
 diffusers' built-in cache hooks and cache-dit's DBCache when installed (benchmark/peers.py).
 Everything is written to ``--output_dir``: results.json, every image, and with ``--report``
-the grid, charts and report.html (benchmark/report.py).
+the grid, charts and report.html (benchmark/report.py). Each configuration also keeps its
+per-repeat timings (``latency_runs_s`` / ``baseline_runs_s``) and the spread of its paired
+ratios (``paired_speedup``), so the report can tell a speed-up from the machine's noise.
+Progress is logged as "configuration i of n" with an ETA, and results.json is rewritten
+(atomically) after every finished configuration: an interrupted run keeps what finished
+(``progress.complete`` is false there).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -118,16 +126,18 @@ class Bench:
         self, name: str, before: Callable[[], None] | None = None, references=None,
         toggle: tuple[Callable[[], None], Callable[[], None]] | None = None,
     ) -> dict[str, Any]:
-        """Median latency over cases x repeats; quality vs ``references``; images saved as ``name``.
-        With ``toggle`` = (enable, disable) of the cache under test, every timed cached run is
-        paired with an uncached run right before it (``baseline_latency_s``): the two see the
-        same machine load, so a drift between configurations cannot enter their ratio."""
+        """Median over cases of each case's fastest repeat; quality vs ``references``; images saved
+        as ``name``. With ``toggle`` = (enable, disable) of the cache under test, every timed cached
+        run is paired with an uncached run right before it (``baseline_latency_s``): the two see the
+        same machine load, so a drift between configurations cannot enter their ratio. Every
+        repeat's seconds are kept (``latency_runs_s``, ``baseline_runs_s``: per case, per repeat)
+        so the spread of the paired ratios can be reported beside the speed-up."""
         if toggle is not None:
             toggle[1]()
             self.run_once(*self.cases[0])  # uncached warm-up, untimed
             toggle[0]()
         self.run_once(*self.cases[0], before)  # warm-up, untimed
-        times, base_times, outputs, peaks = [], [], [], []
+        runs, base_runs, outputs, peaks = [], [], [], []
         for prompt, seed in self.cases:
             per_case, per_base = [], []
             for _ in range(self.args.repeats):
@@ -138,15 +148,20 @@ class Bench:
                 image, latents, seconds = self.run_once(prompt, seed, before)
                 per_case.append(seconds)
                 peaks.append(self.last_peak)
-            times.append(min(per_case))  # interference only ever adds time: the fastest repeat is the cleanest
+            runs.append(per_case)
             if per_base:
-                base_times.append(min(per_base))
+                base_runs.append(per_base)
             outputs.append((image, latents, self.wrapper.get_cache_statistics()))
-        result: dict[str, Any] = {"latency_s": statistics.median(times), "latency_per_case_s": times, "images": []}
+        # interference only ever adds time: per case the fastest repeat is the cleanest
+        times = [min(r) for r in runs]
+        result: dict[str, Any] = {"latency_s": statistics.median(times), "latency_per_case_s": times,
+                                  "latency_runs_s": runs, "images": []}
         result["peak_memory_bytes"] = max(p.bytes for p in peaks)
         result["peak_memory_kind"] = peaks[0].kind
-        if base_times:
-            result["baseline_latency_s"] = statistics.median(base_times)
+        if base_runs:
+            result["baseline_latency_s"] = statistics.median(min(r) for r in base_runs)
+            result["baseline_runs_s"] = base_runs
+            result["paired_speedup"] = paired_spread(base_runs, runs, self.args.repeats)
         for i, (image, _, _) in enumerate(outputs):
             path = f"{name}_case{i}.png"
             image.save(self.out_dir / path)
@@ -156,15 +171,63 @@ class Bench:
             result["ssim"] = [ssim(o[0], r[0]) for o, r in zip(outputs, references)]
             result["rel_l2_latents"] = [relative_l2(o[1], r[1]) for o, r in zip(outputs, references)]
             result["psnr_mean"] = statistics.mean(min(p, 100.0) for p in result["psnr"])
+            result["psnr_worst"] = min(result["psnr"])  # quality floors are applied to the worst image
             result["ssim_mean"] = statistics.mean(result["ssim"])
+            result["ssim_worst"] = min(result["ssim"])
             result["lpips"] = [self.lpips(o[0], r[0]) for o, r in zip(outputs, references)] if self.lpips else None
             result["lpips_mean"] = statistics.mean(result["lpips"]) if result["lpips"] else None
         stats = [o[2] for o in outputs if o[2]]
-        result["hit_ratio"] = statistics.mean(s["hit_ratio"] for s in stats) if stats else None
+        for key in ("hit_ratio", "partial_ratio", "skipped_fraction"):  # fully skipped / partially computed blocks
+            result[key] = statistics.mean(s[key] for s in stats) if stats else None
         result["compute_fraction"] = statistics.mean(s["compute_fraction"] for s in stats) if stats else None
         result["stats"] = stats[0] if stats else None
         result["cache_state_bytes"] = stats[0]["cache_state_bytes"]["total"] if stats else None  # peers: not ours to count
         return result, outputs
+
+
+def paired_spread(base_runs: list[list[float]], runs: list[list[float]], repeats: int) -> dict[str, Any]:
+    """min/median/max of uncached/cached over every (case, repeat) pair: each pair ran back to
+    back, so its ratio carries the noise a single speed-up figure hides."""
+    ratios = [b / c for base, cached in zip(base_runs, runs) for b, c in zip(base, cached)]
+    return {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios), "repeats": repeats}
+
+
+def write_results(report: dict[str, Any], path: Path) -> None:
+    """results.json via a temporary file and ``os.replace``: a reader (or a run killed mid-write)
+    never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(strict_json.dumps(report, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Job:
+    """One configuration: its label, its cost in generations (for the ETA) and its body."""
+
+    label: str
+    generations: int
+    run: Callable[[], None]
+
+
+def run_jobs(jobs: list[Job], report: dict[str, Any], path: Path) -> None:
+    """Run ``jobs`` in order, logging "configuration i of n" with an ETA (seconds per finished
+    generation so far x generations left) and rewriting results.json after each one."""
+    total = sum(j.generations for j in jobs)
+    done, start = 0, time.perf_counter()
+    report["progress"] = {"finished": 0, "total": len(jobs), "complete": False}
+    for i, job in enumerate(jobs, 1):
+        elapsed = time.perf_counter() - start
+        eta = f"ETA {elapsed / done * (total - done):.0f} s" if done else "ETA after the first configuration"
+        logger.info("configuration %d of %d: %s (%.0f s elapsed, %s)", i, len(jobs), job.label, elapsed, eta)
+        job.run()
+        done += job.generations
+        report["progress"].update(finished=i, complete=i == len(jobs))
+        write_results(report, path)
+    logger.info("%d configurations in %.0f s; wrote %s", len(jobs), time.perf_counter() - start, path)
+
+
+def _label(method: str, threshold: float, cap: int = -1) -> str:
+    return f"{method} {threshold:g}" + (f" cap {cap}" if cap >= 0 else "")
 
 
 def _display_path(model: str | None) -> str | None:
@@ -191,7 +254,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="diffusers model dir or hub id (default: the type's default)")
     parser.add_argument("--cache_methods", nargs="+", default=["None", "Fast", "Fb", "Tea"], choices=["None", "Fast", "Fb", "Tea"])
     parser.add_argument("--thresholds", nargs="+", type=float, default=None, help="one list for every method")
-    parser.add_argument("--sweep", action="store_true", help="threshold sweep per method (speed-quality curves)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="SWEEP_THRESHOLDS x SWEEP_CAPS per method (speed-quality curves; about 2x the default run)")
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
@@ -203,7 +267,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--motion_threshold", type=float, default=0.1)
     parser.add_argument("--max_cached_steps", type=int, default=-1,
-                        help="CacheConfig.max_cached_steps for our methods (--sweep sweeps -1, 1, 2, 3)")
+                        help="CacheConfig.max_cached_steps for our methods (--sweep sweeps SWEEP_CAPS)")
     parser.add_argument("--approximation", default="learned", choices=["learned", "extrapolate", "reuse", "fitted", "auto"],
                         help="FastCache's stand-in for a skipped block (CacheConfig.approximation)")
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
@@ -246,49 +310,86 @@ def main(argv: list[str] | None = None) -> int:
         "height": bench.kwargs.get("height"),
         "width": bench.kwargs.get("width"),
         "cases": bench.cases,
+        "repeats": args.repeats,
         "overhead": {},
+        "overhead_spread": {},
+        "overhead_runs": {},
         "runs": [],
         "skipped": [],
         "lpips": lpips_info,
     }
-    baseline, references = bench.measure("None")
-    report["baseline"] = {k: baseline[k] for k in ("latency_s", "latency_per_case_s", "images", "peak_memory_bytes", "peak_memory_kind")}
-    logger.info("uncached: %.3fs", baseline["latency_s"])
+    references: list = []
+    # generations per configuration: warm-up(s) + timed runs (a paired one doubles them)
+    timed_runs = len(bench.cases) * args.repeats
+    plain, paired = 1 + timed_runs, 2 + 2 * timed_runs
 
-    def record(result: dict[str, Any], method: str, threshold: float, kind: str, baseline_s: float, cap: int = -1) -> None:
-        label = f"{method} {threshold:g}" + (f" cap {cap}" if cap >= 0 else "")
+    def uncached() -> None:
+        baseline, outputs = bench.measure("None")
+        references.extend(outputs)
+        report["baseline"] = {k: baseline[k] for k in
+                              ("latency_s", "latency_per_case_s", "latency_runs_s", "images", "peak_memory_bytes", "peak_memory_kind")}
+        logger.info("uncached: %.3fs", baseline["latency_s"])
+
+    def record(result: dict[str, Any], method: str, threshold: float, kind: str, cap: int = -1) -> None:
+        label = _label(method, threshold, cap)
+        baseline_s = result["baseline_latency_s"]
         result.update(method=method, label=label, kind=kind, threshold=threshold, max_cached_steps=cap,
-                      baseline_latency_s=baseline_s, speedup=baseline_s / result["latency_s"])
+                      speedup=baseline_s / result["latency_s"])
         report["runs"].append(result)
-        logger.info("%s: %.2fx, PSNR %.2f dB, SSIM %.4f, hit %s", label, result["speedup"],
-                    result["psnr_mean"], result["ssim_mean"], result["hit_ratio"])
+        spread = result["paired_speedup"]
+        logger.info("%s: %.2fx (paired %.2f-%.2fx over %d repeat(s)), PSNR mean %.2f / worst %.2f dB, SSIM %.4f, "
+                    "hit %s, partial %s", label, result["speedup"], spread["min"], spread["max"], args.repeats,
+                    result["psnr_mean"], result["psnr_worst"], result["ssim_mean"], result["hit_ratio"], result["partial_ratio"])
 
+    def overhead(m: str) -> None:
+        # bookkeeping overhead: the manager installed, decisions made, every block computed
+        toggle = (lambda: bench.wrapper.enable_cache(m, cache_ratio_threshold=0.0, motion_threshold=0.0),
+                  bench.wrapper.disable_cache)
+        toggle[0]()
+        forced, _ = bench.measure(f"overhead_{m}", toggle=toggle)
+        bench.wrapper.disable_cache()
+        report["overhead"][m] = forced["latency_s"] / forced["baseline_latency_s"] - 1
+        report["overhead_runs"][m] = {k: forced[k] for k in ("latency_runs_s", "baseline_runs_s")}
+        ratios = [c / b - 1 for base, cached in zip(forced["baseline_runs_s"], forced["latency_runs_s"])
+                  for b, c in zip(base, cached)]  # per pair: forced-off / uncached - 1
+        report["overhead_spread"][m] = {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios),
+                                        "repeats": args.repeats}
+        logger.info("overhead %s: %+.1f%% (paired %+.1f%% to %+.1f%%)", m, 100 * report["overhead"][m],
+                    100 * report["overhead_spread"][m]["min"], 100 * report["overhead_spread"][m]["max"])
+
+    def ours(method: str, threshold: float, cap: int) -> None:
+        config = CacheConfig(
+            method=method, cache_ratio_threshold=threshold, motion_threshold=args.motion_threshold,
+            max_cached_steps=cap, **({"approximation": args.approximation} if method == "Fast" else {}),
+        )
+        toggle = (lambda: bench.wrapper.enable_cache(config=config), bench.wrapper.disable_cache)
+        toggle[0]()
+        suffix = f"_cap{cap}" if cap >= 0 else ""
+        result, _ = bench.measure(f"{method}_{threshold:g}{suffix}", references=references, toggle=toggle)
+        bench.wrapper.disable_cache()
+        record(result, method, threshold, "xfuser", cap)
+
+    def peer_run(peer) -> None:
+        toggle = (lambda: peer.enable(bench.pipe), lambda: peer.disable(bench.pipe))
+        peer.enable(bench.pipe)
+        try:
+            result, _ = bench.measure(f"{peer.method}_{peer.threshold:g}", before=lambda: peer.reset(bench.pipe),
+                                      references=references, toggle=toggle)
+        finally:
+            peer.disable(bench.pipe)
+        record(result, peer.method, peer.threshold, "peer")
+
+    jobs = [Job("uncached reference", plain, uncached)]
     for method in args.cache_methods:
         if method == "None":
-            # bookkeeping overhead: the manager installed, decisions made, every block computed
-            for m in ("Fast", "Fb", "Tea"):
-                toggle = (lambda m=m: bench.wrapper.enable_cache(m, cache_ratio_threshold=0.0, motion_threshold=0.0),
-                          bench.wrapper.disable_cache)
-                toggle[0]()
-                forced, _ = bench.measure(f"overhead_{m}", toggle=toggle)
-                bench.wrapper.disable_cache()
-                report["overhead"][m] = forced["latency_s"] / forced["baseline_latency_s"] - 1
+            jobs += [Job(f"overhead {m} (caching forced off)", paired, lambda m=m: overhead(m)) for m in ("Fast", "Fb", "Tea")]
             continue
         for threshold, cap in sweep_points(method, args):
-            config = CacheConfig(
-                method=method, cache_ratio_threshold=threshold, motion_threshold=args.motion_threshold,
-                max_cached_steps=cap, **({"approximation": args.approximation} if method == "Fast" else {}),
-            )
-            toggle = (lambda c=config: bench.wrapper.enable_cache(config=c), bench.wrapper.disable_cache)
-            toggle[0]()
-            suffix = f"_cap{cap}" if cap >= 0 else ""
-            result, _ = bench.measure(f"{method}_{threshold:g}{suffix}", references=references, toggle=toggle)
-            bench.wrapper.disable_cache()
-            record(result, method, threshold, "xfuser", result["baseline_latency_s"], cap)
-
+            jobs.append(Job(_label(method, threshold, cap), paired, lambda m=method, t=threshold, c=cap: ours(m, t, c)))
     if args.peers:
         from peers import available_peers
 
+        # peers are only configured here (MagCache calibrates on its first enable): n is known up front
         peers, skipped = available_peers(
             bench.pipe, args.peer_thresholds, calibrate=lambda prompt: bench.run_once(prompt, 0),
             num_inference_steps=args.num_inference_steps,
@@ -296,19 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         report["skipped"] += skipped
         for entry in skipped:
             logger.info("peer %s skipped: %s", entry["name"], entry["reason"])
-        for peer in peers:
-            toggle = (lambda p=peer: p.enable(bench.pipe), lambda p=peer: p.disable(bench.pipe))
-            peer.enable(bench.pipe)
-            try:
-                result, _ = bench.measure(f"{peer.method}_{peer.threshold:g}", before=lambda p=peer: p.reset(bench.pipe),
-                                          references=references, toggle=toggle)
-            finally:
-                peer.disable(bench.pipe)
-            record(result, peer.method, peer.threshold, "peer", result["baseline_latency_s"])
+        jobs += [Job(f"peer {p.method} {p.threshold:g}", paired, lambda p=p: peer_run(p)) for p in peers]
 
     path = out_dir / "results.json"
-    path.write_text(strict_json.dumps(report, indent=2, default=str))
-    logger.info("wrote %s", path)
+    run_jobs(jobs, report, path)
     if args.report:
         from report import main as report_main
 

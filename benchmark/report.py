@@ -4,9 +4,18 @@
     python benchmark/report.py results.json --output_dir report/ --performance_md docs/performance/pixart.md
 
 Input is the ``results.json`` written by ``benchmark/cache_execute.py`` (image paths inside it are
-relative to the folder holding it). Every sentence under "Findings" is computed from the numbers
-in that file; nothing in the report is a fixed conclusion. PSNR may be ``Infinity`` (identical
-images): tables print "∞" and plots cap it at ``PSNR_PLOT_CAP`` dB.
+relative to the folder holding it; a partial file from an interrupted run is reported as such).
+Every sentence under "Findings" is computed from the numbers in that file; nothing in the report
+is a fixed conclusion. Rules that keep it from misleading:
+
+* quality floors apply to a configuration's worst image (its mean is shown beside it);
+* every speed-up is against the uncached runs paired with that configuration, and is shown with
+  the spread of its per-repeat paired ratios; a speed-up whose spread includes 1.0×, an overhead
+  whose spread includes 0, or a lead inside the runner-up's spread is flagged, not claimed; with
+  one repeat the report says no spread is available;
+* ``hit_ratio`` counts fully skipped blocks only, partially computed ones are ``partial_ratio``.
+
+PSNR may be ``Infinity`` (identical images): tables print "∞" and plots cap it at ``PSNR_PLOT_CAP`` dB.
 """
 from __future__ import annotations
 
@@ -14,7 +23,9 @@ import argparse
 import html
 import json
 import math
+import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -34,21 +45,25 @@ logger = init_logger("benchmark.report")
 PSNR_PLOT_CAP = 100.0
 """PSNR values above this (including ∞) are drawn at this height."""
 GRID_FLOOR_DB = 25.0
-"""A method's run shown in the grid and per-method charts: its fastest run at PSNR ≥ this."""
+"""A method's run shown in the grid and per-method charts: its fastest run whose worst image is ≥ this."""
 FINDING_FLOORS_DB = (30.0, 25.0)
-"""PSNR floors at which the best speed-ups are tabulated and compared."""
+"""PSNR floors (worst image) at which the best speed-ups are tabulated and compared."""
 REFERENCE_METHOD = "Fast"
 """The method whose speed–quality curve is tested for dominance over all the others."""
 
 GRID_NAME = "comparison_grid.png"
 CHARTS = {
-    "latency_speedup.png": "Latency and speed-up of each method's fastest run at PSNR ≥ 25 dB",
-    "speed_quality.png": "Speed-up vs PSNR for every threshold (one line per method)",
-    "hit_ratio_per_step.png": "Fraction of blocks reused per step (chosen run per method)",
-    "hit_ratio_per_block.png": "Fraction of steps each block was reused (chosen run per method)",
-    "ssim_speedup.png": "SSIM vs speed-up for every threshold (one line per method)",
+    "latency_speedup.png": "Fastest run per method at PSNR ≥ 25 dB (worst image): its latency beside its own paired "
+                           "uncached latency, and the speed-up between them with the min–max of the paired ratios",
+    "speed_quality.png": "Speed-up vs worst-image PSNR, one line per (method, cap) series in threshold order; "
+                         "horizontal bars: min–max of the paired ratios",
+    "hit_ratio_per_step.png": "Fraction of blocks fully skipped per step, and partially computed (dashed), chosen run per method",
+    "hit_ratio_per_block.png": "Fraction of steps each block was fully skipped, and partially computed (hatched), chosen run per method",
+    "ssim_speedup.png": "Speed-up vs worst-image SSIM, one line per (method, cap) series in threshold order",
 }
 _MISSING = "—"
+_SKIPPED = ("R", "A")
+"""Stats actions of a fully skipped block (``P``: computed for a token subset, not skipped)."""
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -67,15 +82,30 @@ def _num(value: Any) -> Optional[float]:
     return strict_json.number(value)
 
 
-def _psnr_key(run: dict) -> float:
-    """``psnr_mean`` for comparisons: missing counts as -inf."""
-    v = _num(run.get("psnr_mean"))
-    return -math.inf if v is None else v
+def _nums(values: Optional[Iterable[Any]]) -> list[float]:
+    return [v for v in (_num(x) for x in (values or [])) if v is not None]
 
 
 def _mean(values: Optional[Iterable[Any]]) -> Optional[float]:
-    nums = [v for v in (_num(x) for x in (values or [])) if v is not None]
+    nums = _nums(values)
     return sum(nums) / len(nums) if nums else None
+
+
+def worst(run: dict, key: str = "psnr") -> Optional[float]:
+    """The configuration's worst image by ``key`` (a per-image list), else its ``<key>_worst``
+    field; None when neither is there or an image's value is missing (a mean, or the images
+    that happen to have a value, never stand in for the worst image)."""
+    values = run.get(key)
+    if not isinstance(values, list) or not values:
+        return _num(run.get(f"{key}_worst"))
+    nums = [_num(v) for v in values]
+    return None if None in nums else min(nums)
+
+
+def _quality_key(run: dict) -> float:
+    """Worst-image PSNR for comparisons: missing counts as -inf."""
+    v = worst(run)
+    return -math.inf if v is None else v
 
 
 def methods(results: dict) -> list[str]:
@@ -92,12 +122,13 @@ def runs_of(results: dict, method: str) -> list[dict]:
 
 
 def best_speedups(results: dict, psnr_floor: float) -> dict[str, dict | None]:
-    """Per method, the run with the highest speed-up whose ``psnr_mean`` ≥ ``psnr_floor`` (None if none)."""
+    """Per method, the run with the highest speed-up whose worst image has PSNR ≥ ``psnr_floor``
+    (None if none): a mean above the floor can hide an image far below it."""
     best: dict[str, dict | None] = {}
     for method in methods(results):
         eligible = [
             r for r in runs_of(results, method)
-            if _num(r.get("speedup")) is not None and _psnr_key(r) >= psnr_floor
+            if _num(r.get("speedup")) is not None and _quality_key(r) >= psnr_floor
         ]
         best[method] = max(eligible, key=lambda r: _num(r["speedup"])) if eligible else None
     return best
@@ -115,23 +146,112 @@ def chosen_runs(results: dict, psnr_floor: float = GRID_FLOOR_DB) -> dict[str, t
         if with_threshold:
             chosen[method] = (min(with_threshold, key=lambda r: _num(r["threshold"])), False)
         else:  # no thresholds: the most faithful run
-            chosen[method] = (max(runs, key=_psnr_key), False)
+            chosen[method] = (max(runs, key=_quality_key), False)
     return chosen
 
 
 def undominated_runs(results: dict, method: str = REFERENCE_METHOD) -> list[dict]:
-    """Runs of other methods that no run of ``method`` matches in both speed-up and PSNR.
+    """Runs of other methods that no run of ``method`` matches in both speed-up and worst-image PSNR.
 
     ``method``'s curve dominates when this is empty: for every other run there is a ``method`` run
     with ≥ speed-up and ≥ PSNR. Runs without a speed-up or PSNR are left out on both sides.
     """
     def point(run: dict) -> Optional[tuple[float, float]]:
-        s, p = _num(run.get("speedup")), _num(run.get("psnr_mean"))
+        s, p = _num(run.get("speedup")), worst(run)
         return None if s is None or p is None else (s, p)
 
     own = [p for p in (point(r) for r in runs_of(results, method)) if p is not None]
     others = [r for r in results.get("runs", []) if r["method"] != method and point(r) is not None]
     return [r for r in others if not any(s >= point(r)[0] and p >= point(r)[1] for s, p in own)]
+
+
+def series(results: dict) -> dict[tuple[str, int], list[dict]]:
+    """Runs grouped by (method, cap on consecutive cached steps; -1 = none), each group in threshold
+    order: a speed–quality line joins one knob's settings, never points of different caps."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for method in methods(results):
+        for run in runs_of(results, method):
+            cap = _num(run.get("max_cached_steps"))
+            groups.setdefault((method, -1 if cap is None or cap < 0 else int(cap)), []).append(run)
+    for runs in groups.values():
+        runs.sort(key=lambda r: (_num(r.get("threshold")) is None, _num(r.get("threshold")) or 0.0))
+    return groups
+
+
+# ------------------------------------------------------------------------------- timing noise
+
+
+@dataclass(frozen=True)
+class Spread:
+    """min/median/max of a configuration's per-repeat paired ratios (each cached run against the
+    uncached run right before it), over ``repeats`` repeats of every case. Pooling the cases adds
+    their real differences (one prompt caches more than another) to the machine's noise, so the
+    interval is a conservative bound: an effect outside it is not noise."""
+
+    low: float
+    median: float
+    high: float
+    repeats: int
+
+    @property
+    def available(self) -> bool:
+        """One repeat per case gives one pair per case: no repeat-to-repeat spread."""
+        return self.repeats >= 2
+
+    def includes(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+def _pairs(base_runs: Any, runs: Any) -> tuple[list[tuple[float, float]], int]:
+    """(uncached, cached) seconds of every (case, repeat) pair, and the repeats per case."""
+    if not isinstance(base_runs, list) or not isinstance(runs, list) or not runs:
+        return [], 0
+    pairs, repeats = [], None
+    for base, cached in zip(base_runs, runs):
+        case = [(b, c) for b, c in zip(_nums(base), _nums(cached)) if b > 0 and c > 0]
+        pairs += case
+        repeats = len(case) if repeats is None else min(repeats, len(case))
+    return pairs, repeats or 0
+
+
+def _spread(values: list[float], repeats: int) -> Optional[Spread]:
+    return Spread(min(values), statistics.median(values), max(values), repeats) if values else None
+
+
+def speedup_spread(run: dict) -> Optional[Spread]:
+    """Spread of uncached / cached over the run's pairs; None without per-repeat timings."""
+    pairs, repeats = _pairs(run.get("baseline_runs_s"), run.get("latency_runs_s"))
+    return _spread([b / c for b, c in pairs], repeats)
+
+
+def overhead_spread(results: dict, method: str) -> Optional[Spread]:
+    """Spread of forced-off / uncached - 1 over the overhead measurement's pairs."""
+    timings = (results.get("overhead_runs") or {}).get(method) or {}
+    pairs, repeats = _pairs(timings.get("baseline_runs_s"), timings.get("latency_runs_s"))
+    return _spread([c / b - 1 for b, c in pairs], repeats)
+
+
+def timing_verdict(spread: Optional[Spread], null: float = 1.0) -> str:
+    """Whether an effect stands out of its noise: "within noise" when the spread includes
+    ``null`` (1.0 for a speed-up, 0 for an overhead)."""
+    if spread is None:
+        return "no per-repeat timings"
+    if not spread.available:
+        return "no spread (1 repeat)"
+    return "within noise" if spread.includes(null) else "outside noise"
+
+
+def _established(spread: Optional[Spread], null: float = 1.0) -> bool:
+    return timing_verdict(spread, null) == "outside noise"
+
+
+def clearly_faster(a: dict, b: dict) -> Optional[bool]:
+    """True when ``a``'s slowest paired ratio beats ``b``'s fastest, False when the spreads
+    overlap, None when either has no spread."""
+    sa, sb = speedup_spread(a), speedup_spread(b)
+    if sa is None or sb is None or not (sa.available and sb.available):
+        return None
+    return sa.low > sb.high
 
 
 # ---------------------------------------------------------------------------------- formatting
@@ -155,15 +275,30 @@ def fmt_threshold(value: Any) -> str:
     return _fmt(value, "g")
 
 
+def fmt_cap(run: dict) -> str:
+    cap = _num(run.get("max_cached_steps"))
+    return f"{cap:g}" if cap is not None and cap >= 0 else "none"
+
+
 def fmt_setting(run: dict) -> str:
     """A run's knob values: the threshold, plus the cap on consecutive cached steps when set."""
-    cap = _num(run.get("max_cached_steps"))
-    text = fmt_threshold(run.get("threshold"))
-    return text + (f", cap {cap:g}" if cap is not None and cap >= 0 else "")
+    cap = fmt_cap(run)
+    return fmt_threshold(run.get("threshold")) + (f", cap {cap}" if cap != "none" else "")
 
 
 def fmt_speedup(value: Any) -> str:
     return _fmt(value, ".2f", "×")
+
+
+def fmt_spread(spread: Optional[Spread], null: float = 1.0, percent: bool = False, verdict: bool = True) -> str:
+    """"1.85× to 2.10× (median 1.98×, 3 repeats)", plus "; within noise" (``verdict``) when the
+    spread includes ``null``; why there is none when it is missing."""
+    status = timing_verdict(spread, null)
+    if spread is None or not spread.available:
+        return status
+    f = (lambda v: f"{v:+.1%}") if percent else (lambda v: f"{v:.2f}×")
+    text = f"{f(spread.low)} to {f(spread.high)} (median {f(spread.median)}, {spread.repeats} repeats)"
+    return text + ("; within noise" if verdict and status == "within noise" else "")
 
 
 def _plot_psnr(value: Any) -> Optional[float]:
@@ -175,31 +310,52 @@ def _run_rel_l2(run: dict) -> Optional[float]:
     return _num(run.get("rel_l2_mean")) if "rel_l2_mean" in run else _mean(run.get("rel_l2_latents"))
 
 
-def _run_row(run: dict) -> list[str]:
-    """One run as table cells (label, method, kind, threshold, latency, speed-up, quality, cache stats)."""
-    lpips = _num(run.get("lpips_mean"))
-    return [
-        str(run.get("label", run["method"])), str(run["method"]), str(run.get("kind", "xfuser")),
-        fmt_threshold(run.get("threshold")), _fmt(run.get("latency_s"), ".3f", " s"), fmt_speedup(run.get("speedup")),
-        fmt_psnr(run.get("psnr_mean")), _fmt(run.get("ssim_mean"), ".4f"), _fmt(_run_rel_l2(run), ".4f"),
-        "skipped" if lpips is None else f"{lpips:.4f}", _fmt(run.get("hit_ratio"), ".2f"),
-        _fmt(run.get("compute_fraction"), ".2f"), _fmt_mib(run.get("cache_state_bytes")), _fmt_mib(run.get("peak_memory_bytes")),
-    ]
-
-
 def _fmt_mib(value: Any) -> str:
     value = _num(value)
     return _MISSING if value is None else f"{value / 2**20:.1f}"
 
 
-RUN_COLUMNS = ["Run", "Method", "Kind", "Threshold", "Latency", "Speed-up", "PSNR (dB)", "SSIM", "Rel. L2 (latents)",
-               "LPIPS", "Hit ratio", "Compute fraction", "Cache state (MiB)", "Peak memory (MiB)"]
+RUN_COLUMNS = ["Run", "Method", "Kind", "Threshold", "Cap", "Uncached (paired)", "Latency", "Speed-up",
+               "Paired speed-up spread", "PSNR worst (dB)", "PSNR mean (dB)", "SSIM worst", "SSIM mean",
+               "Rel. L2 (latents)", "LPIPS", "Hit ratio (fully skipped)", "Partial ratio", "Compute fraction",
+               "Cache state (MiB)", "Peak memory (MiB)"]
+
+
+def _run_row(run: dict) -> list[str]:
+    """One run as table cells, in ``RUN_COLUMNS`` order."""
+    lpips = _num(run.get("lpips_mean"))
+    return [
+        str(run.get("label", run["method"])), str(run["method"]), str(run.get("kind", "xfuser")),
+        fmt_threshold(run.get("threshold")), fmt_cap(run), _fmt(run.get("baseline_latency_s"), ".3f", " s"),
+        _fmt(run.get("latency_s"), ".3f", " s"), fmt_speedup(run.get("speedup")), fmt_spread(speedup_spread(run)),
+        fmt_psnr(worst(run)), fmt_psnr(run.get("psnr_mean")), _fmt(worst(run, "ssim"), ".4f"),
+        _fmt(run.get("ssim_mean"), ".4f"), _fmt(_run_rel_l2(run), ".4f"),
+        "skipped" if lpips is None else f"{lpips:.4f}", _fmt(run.get("hit_ratio"), ".2f"),
+        _fmt(run.get("partial_ratio"), ".2f"), _fmt(run.get("compute_fraction"), ".2f"),
+        _fmt_mib(run.get("cache_state_bytes")), _fmt_mib(run.get("peak_memory_bytes")),
+    ]
+
+
+def _claim(run: dict) -> str:
+    """A speed-up as claimed in a finding: the value with its spread (or why it has none)."""
+    spread = speedup_spread(run)
+    paired = "paired " if spread is not None and spread.available else ""
+    return f"{fmt_speedup(run.get('speedup'))} [{paired}{fmt_spread(spread)}]"
+
+
+def _short_spread(run: dict) -> str:
+    """"paired 1.92–2.00×" for tight spaces (grid titles); "no spread" when there is none."""
+    spread = speedup_spread(run)
+    if spread is None or not spread.available:
+        return "no spread"
+    return f"paired {spread.low:.2f}–{spread.high:.2f}×" + (", within noise" if spread.includes(1.0) else "")
 
 
 def _best_cell(run: Optional[dict]) -> str:
     if run is None:
         return _MISSING
-    return f"{fmt_speedup(run.get('speedup'))} (thr {fmt_setting(run)}, {fmt_psnr(run.get('psnr_mean'))} dB)"
+    return (f"{_claim(run)} (thr {fmt_setting(run)}, worst {fmt_psnr(worst(run))} dB, "
+            f"mean {fmt_psnr(run.get('psnr_mean'))} dB)")
 
 
 def _best_rows(results: dict) -> list[list[str]]:
@@ -208,87 +364,160 @@ def _best_rows(results: dict) -> list[list[str]]:
 
 
 def _best_columns() -> list[str]:
-    return ["Method"] + [f"Best speed-up at PSNR ≥ {floor:g} dB" for floor in FINDING_FLOORS_DB]
+    return ["Method"] + [f"Best speed-up at PSNR ≥ {floor:g} dB (worst image)" for floor in FINDING_FLOORS_DB]
 
 
 def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def findings(results: dict) -> list[str]:
-    """Plain-text sentences, every one computed from ``results``."""
-    out: list[str] = []
+# ------------------------------------------------------------------------------------ findings
+
+
+def _progress_findings(results: dict) -> list[str]:
+    progress = results.get("progress") or {}
+    if progress and not progress.get("complete", True):
+        return [f"This run is incomplete: {progress.get('finished', '?')} of {progress.get('total', '?')} "
+                "configurations finished; everything below covers those only."]
+    return []
+
+
+def _baseline_findings(results: dict) -> list[str]:
+    out = []
     baseline = results.get("baseline") or {}
     n_cases = len(results.get("cases", []))
     if _num(baseline.get("latency_s")) is not None:
         out.append(f"The uncached baseline's median latency is {baseline['latency_s']:.3f} s over {n_cases} case(s).")
-    all_methods = methods(results)
-    if not all_methods:
-        out.append("The results hold no cached runs.")
-        return out
+    paired = _nums(r.get("baseline_latency_s") for r in results.get("runs", []))
+    if paired:
+        out.append(f"Each speed-up is against the uncached runs paired with its own configuration (their median "
+                   f"latency ranges {min(paired):.3f}–{max(paired):.3f} s), not against that single baseline.")
+    spreads = [speedup_spread(r) for r in results.get("runs", [])]
+    if results.get("runs") and not any(s is not None and s.available for s in spreads):
+        out.append("No configuration has more than one repeat per case: no spread is available, so no speed-up, "
+                   "ranking or overhead below is established as a finding.")
+    noisy = [r.get("label", r["method"]) for r, s in zip(results.get("runs", []), spreads)
+             if timing_verdict(s) == "within noise"]
+    if noisy:
+        out.append(f"{len(noisy)} of {len(spreads)} configurations have a paired speed-up spread that includes 1.0×: "
+                   f"their speed-up is within the machine's noise, not a finding ({_join(noisy[:6])}"
+                   f"{', …' if len(noisy) > 6 else ''}).")
+    return out
 
+
+def _lead_sentence(ranked: list[tuple[str, dict]], floor: float) -> str:
+    top = _num(ranked[0][1]["speedup"])
+    leaders = [m for m, r in ranked if _num(r["speedup"]) == top]
+    rest = [(m, r) for m, r in ranked if m not in leaders]
+    if len(leaders) > 1:
+        return f"{_join(leaders)} tie for the lead at PSNR ≥ {floor:g} dB with {fmt_speedup(top)}."
+    lead, runner = ranked[0], rest[0] if rest else None
+    if runner is None:
+        return f"{lead[0]} leads at PSNR ≥ {floor:g} dB with {fmt_speedup(top)}."
+    clear = clearly_faster(lead[1], runner[1])
+    if clear:
+        return (f"{lead[0]} leads at PSNR ≥ {floor:g} dB with {fmt_speedup(top)}; "
+                f"the runner-up is {runner[0]} with {fmt_speedup(runner[1]['speedup'])}.")
+    head = (f"{lead[0]} has the highest speed-up at PSNR ≥ {floor:g} dB ({fmt_speedup(top)}; runner-up "
+            f"{runner[0]} with {fmt_speedup(runner[1]['speedup'])})")
+    if clear is None:
+        return head + ", but without a spread for both the ranking is not established."
+    return head + ", but their paired spreads overlap: no clear leader."
+
+
+def _floor_findings(results: dict) -> list[str]:
+    out = []
     for floor in FINDING_FLOORS_DB:
         best = best_speedups(results, floor)
         reached = {m: r for m, r in best.items() if r is not None}
         missing = [m for m, r in best.items() if r is None]
         if not reached:
-            out.append(f"No method reaches PSNR ≥ {floor:g} dB on these cases.")
+            out.append(f"No method reaches PSNR ≥ {floor:g} dB on every image of these cases.")
             continue
-        parts = [f"{m} {fmt_speedup(r['speedup'])} (threshold {fmt_setting(r)}, "
-                 f"{fmt_psnr(r['psnr_mean'])} dB)" for m, r in reached.items()]
-        sentence = f"Best speed-up at PSNR ≥ {floor:g} dB: {_join(parts)}."
+        parts = [f"{m} {_claim(r)} (threshold {fmt_setting(r)}, worst {fmt_psnr(worst(r))} dB, "
+                 f"mean {fmt_psnr(r.get('psnr_mean'))} dB)" for m, r in reached.items()]
+        sentence = f"Best speed-up at PSNR ≥ {floor:g} dB on every image: {_join(parts)}."
         if missing:
             sentence += f" {_join(missing)} {'has' if len(missing) == 1 else 'have'} no run at that quality."
         out.append(sentence)
-        ranked = sorted(reached.items(), key=lambda kv: -_num(kv[1]["speedup"]))
-        top = _num(ranked[0][1]["speedup"])
-        leaders = [m for m, r in ranked if _num(r["speedup"]) == top]
-        rest = [(m, r) for m, r in ranked if m not in leaders]
-        if len(leaders) > 1:
-            lead = f"{_join(leaders)} tie for the lead at PSNR ≥ {floor:g} dB with {fmt_speedup(top)}"
-        else:
-            lead = f"{leaders[0]} leads at PSNR ≥ {floor:g} dB with {fmt_speedup(top)}"
-        if rest:
-            lead += f"; the runner-up is {rest[0][0]} with {fmt_speedup(rest[0][1]['speedup'])}"
-        out.append(lead + ".")
+        out.append(_lead_sentence(sorted(reached.items(), key=lambda kv: -_num(kv[1]["speedup"])), floor))
+    return out
 
+
+def _dominance_findings(results: dict, all_methods: list[str]) -> list[str]:
     ref, others = REFERENCE_METHOD, [m for m in all_methods if m != REFERENCE_METHOD]
     n_other = sum(1 for r in results.get("runs", []) if r["method"] != ref
-                  and _num(r.get("speedup")) is not None and _num(r.get("psnr_mean")) is not None)
+                  and _num(r.get("speedup")) is not None and worst(r) is not None)
     if ref not in all_methods:
-        out.append(f"There are no {ref} runs, so its speed–quality dominance is not assessed.")
-    elif not others or n_other == 0:
-        out.append(f"Only {ref} has runs with speed-up and PSNR, so there is nothing to compare its curve against.")
-    else:
-        beaten = undominated_runs(results, ref)
-        if not beaten:
-            out.append(f"{ref}'s speed–quality curve dominates the others: each of the {n_other} runs of "
-                       f"{_join(others)} is matched or beaten in both speed-up and PSNR by some {ref} run.")
-        else:
-            examples = "; ".join(f"{r.get('label', r['method'])}: {fmt_speedup(r['speedup'])} at "
-                                 f"{fmt_psnr(r['psnr_mean'])} dB" for r in beaten[:3])
-            out.append(f"{ref}'s speed–quality curve does not dominate the others: {len(beaten)} of {n_other} "
-                       f"other runs have no {ref} run with both a higher-or-equal speed-up and PSNR ({examples}).")
+        return [f"There are no {ref} runs, so its speed–quality dominance is not assessed."]
+    if not others or n_other == 0:
+        return [f"Only {ref} has runs with speed-up and PSNR, so there is nothing to compare its curve against."]
+    beaten = undominated_runs(results, ref)
+    if not beaten:
+        return [f"{ref}'s speed–quality curve dominates the others: each of the {n_other} runs of "
+                f"{_join(others)} is matched or beaten in both speed-up and worst-image PSNR by some {ref} run "
+                "(point values; see each speed-up's spread)."]
+    examples = "; ".join(f"{r.get('label', r['method'])}: {_claim(r)} at {fmt_psnr(worst(r))} dB" for r in beaten[:3])
+    return [f"{ref}'s speed–quality curve does not dominate the others: {len(beaten)} of {n_other} "
+            f"other runs have no {ref} run with both a higher-or-equal speed-up and worst-image PSNR ({examples})."]
 
+
+def _hit_findings(results: dict) -> list[str]:
+    out = []
     chosen = chosen_runs(results)
-    hits = [f"{m} {r['hit_ratio']:.2f} (threshold {fmt_setting(r)})" for m, (r, _) in chosen.items()
-            if _num(r.get("hit_ratio")) is not None]
+    hits = []
+    for m, (r, _) in chosen.items():
+        if _num(r.get("hit_ratio")) is None:
+            continue
+        partial = _num(r.get("partial_ratio"))
+        extra = f", partially computed {partial:.2f}" if partial else ""
+        hits.append(f"{m} {r['hit_ratio']:.2f}{extra} (threshold {fmt_setting(r)})")
     if hits:
-        out.append(f"Cache hit ratio of each method's chosen run: {_join(hits)}.")
+        out.append(f"Fraction of block evaluations fully skipped (hit ratio) in each method's chosen run: {_join(hits)}.")
     below = [m for m, (_, ok) in chosen.items() if not ok]
     if below:
-        out.append(f"{_join(below)} {'has' if len(below) == 1 else 'have'} no run at PSNR ≥ {GRID_FLOOR_DB:g} dB; "
-                   "the grid and charts show the lowest threshold instead.")
+        out.append(f"{_join(below)} {'has' if len(below) == 1 else 'have'} no run at PSNR ≥ {GRID_FLOOR_DB:g} dB "
+                   "on every image; the grid and charts show the lowest threshold instead.")
+    return out
 
+
+def _overhead_findings(results: dict) -> list[str]:
+    """The forced-off slowdowns: claimed only where the paired spread excludes 0."""
     overhead = {m: _num(v) for m, v in (results.get("overhead") or {}).items() if _num(v) is not None}
-    if overhead:
-        hi = max(overhead, key=overhead.get)
-        lo = min(overhead, key=overhead.get)
-        sentence = f"With caching forced off, the bookkeeping slows the pipeline by at most {overhead[hi]:.1%} ({hi})"
-        out.append(sentence + (f" and at least {overhead[lo]:.1%} ({lo})." if lo != hi else "."))
-    else:
-        out.append("The caching overhead (caching forced off) was not measured.")
+    if not overhead:
+        return ["The caching overhead (caching forced off) was not measured."]
+    spreads = {m: overhead_spread(results, m) for m in overhead}
+    real = [m for m, s in spreads.items() if _established(s, 0.0)]
+    noise = [m for m, s in spreads.items() if timing_verdict(s, 0.0) == "within noise"]
+    unknown = [m for m in overhead if m not in real and m not in noise]
 
+    def cite(ms: list[str]) -> str:
+        return _join([f"{m} {overhead[m]:.1%} (paired {fmt_spread(spreads[m], 0.0, True, False)})" for m in ms])
+
+    out = []
+    if real:
+        out.append(f"With caching forced off, the bookkeeping measurably changes the latency: {cite(real)}.")
+    if noise:
+        lead = "Smaller than its noise, so not a finding" if real else \
+            "With caching forced off, no bookkeeping overhead stands out of the timing noise"
+        out.append(f"{lead}: {cite(noise)}.")
+    if unknown:
+        hi, lo = max(unknown, key=overhead.get), min(unknown, key=overhead.get)
+        span = f"at most {overhead[hi]:.1%} ({hi})" + (f" and at least {overhead[lo]:.1%} ({lo})" if lo != hi else "")
+        out.append(f"With caching forced off, the measured slowdown is {span}, but no spread is available, "
+                   "so it is not established.")
+    return out
+
+
+def findings(results: dict) -> list[str]:
+    """Plain-text sentences, every one computed from ``results``."""
+    out = _progress_findings(results) + _baseline_findings(results)
+    all_methods = methods(results)
+    if not all_methods:
+        out.append("The results hold no cached runs.")
+        return out
+    out += _floor_findings(results) + _dominance_findings(results, all_methods)
+    out += _hit_findings(results) + _overhead_findings(results)
     skipped = results.get("skipped") or []
     if skipped:
         names = _join([str(s.get("name")) for s in skipped])
@@ -330,7 +559,7 @@ def make_grid(results: dict, out_dir: str | Path, image_root: str | Path | None 
     """Write ``comparison_grid.png``: one row per case; uncached, then each method's chosen run.
 
     ``image_root`` is where the image paths in ``results`` are relative to (default ``out_dir``).
-    A method's column shows its fastest run at PSNR ≥ 25 dB, or its lowest threshold if none.
+    A method's column shows its fastest run whose worst image has PSNR ≥ 25 dB, or its lowest threshold.
     """
     out_dir = Path(out_dir)
     root = Path(image_root) if image_root is not None else out_dir
@@ -340,7 +569,7 @@ def make_grid(results: dict, out_dir: str | Path, image_root: str | Path | None 
     columns: list[tuple[str, list, Optional[dict], bool]] = [("Uncached", results.get("baseline", {}).get("images", []), None, True)]
     columns += [(m, r.get("images") or [], r, ok) for m, (r, ok) in chosen.items()]
     n_rows, n_cols = max(1, len(cases)), len(columns)
-    fig = Figure(figsize=(2.3 * n_cols, 2.5 * n_rows + 0.3), dpi=100, layout="constrained")
+    fig = Figure(figsize=(2.3 * n_cols, 2.7 * n_rows + 0.3), dpi=100, layout="constrained")
     axes = np.atleast_2d(fig.subplots(n_rows, n_cols, squeeze=False))
     for row in range(n_rows):
         for col, (name, images, run, ok) in enumerate(columns):
@@ -358,7 +587,7 @@ def make_grid(results: dict, out_dir: str | Path, image_root: str | Path | None 
                 case_psnr = psnr[row] if row < len(psnr) else None
                 flag = "" if ok else f" (<{GRID_FLOOR_DB:g} dB)"
                 title = (f"{name} thr {fmt_setting(run)}{flag}\n"
-                         f"{fmt_speedup(run.get('speedup'))}, {fmt_psnr(case_psnr)} dB")
+                         f"{fmt_speedup(run.get('speedup'))} ({_short_spread(run)})\n{fmt_psnr(case_psnr)} dB")
             ax.set_title(title, fontsize=8)
             if col == 0 and row < len(cases):
                 prompt, seed = (list(cases[row]) + [None, None])[:2]
@@ -367,85 +596,109 @@ def make_grid(results: dict, out_dir: str | Path, image_root: str | Path | None 
     return _save(fig, out_dir / GRID_NAME)
 
 
-def _method_curve(results: dict, method: str, y_key: str, cap: bool) -> tuple[list[float], list[float]]:
-    points = []
-    for run in runs_of(results, method):
-        x = _num(run.get("speedup"))
-        y = _plot_psnr(run.get(y_key)) if cap else _num(run.get(y_key))
-        if x is not None and y is not None:
-            points.append((x, y))
-    points.sort()
-    return [p[0] for p in points], [p[1] for p in points]
+
+def _xerr(runs: list[dict]) -> Optional[np.ndarray]:
+    """Horizontal error bars: each run's paired min–max around its speed-up (0 where none)."""
+    lo, hi = [], []
+    for run in runs:
+        s, spread = _num(run.get("speedup")), speedup_spread(run)
+        ok = s is not None and spread is not None and spread.available
+        lo.append(max(s - spread.low, 0.0) if ok else 0.0)
+        hi.append(max(spread.high - s, 0.0) if ok else 0.0)
+    return np.array([lo, hi]) if any(lo) or any(hi) else None
+
+
+def latency_bars(results: dict) -> list[tuple[str, dict, float, float]]:
+    """(method, run, paired uncached s, cached s) of each method's chosen run at the grid floor:
+    the latency panel and the speed-up panel both use that run's own baseline."""
+    return [(m, r, _num(r["baseline_latency_s"]), _num(r["latency_s"]))
+            for m, r in best_speedups(results, GRID_FLOOR_DB).items()
+            if r is not None and _num(r.get("latency_s")) and _num(r.get("baseline_latency_s")) is not None]
 
 
 def _chart_latency(results: dict, path: Path) -> Optional[Path]:
-    best = best_speedups(results, GRID_FLOOR_DB)
-    names, latencies, speedups = [], [], []
-    base = _num((results.get("baseline") or {}).get("latency_s"))
-    if base is not None:
-        names.append("Uncached")
-        latencies.append(base)
-        speedups.append(1.0)
-    for method, run in best.items():
-        if run is not None and _num(run.get("latency_s")) is not None:
-            names.append(f"{method}\nthr {fmt_setting(run)}")
-            latencies.append(_num(run["latency_s"]))
-            speedups.append(_num(run.get("speedup")) or 0.0)
-    if len(names) == 0:
+    rows = latency_bars(results)
+    if not rows:
         return None
-    fig = Figure(figsize=(max(6.0, 1.6 * len(names)), 4.0), dpi=100, layout="constrained")
+    names = [f"{m}\nthr {fmt_setting(r)}" for m, r, _, _ in rows]
+    fig = Figure(figsize=(max(6.0, 1.9 * len(rows)), 4.2), dpi=100, layout="constrained")
     ax_lat, ax_speed = fig.subplots(1, 2)
-    x = np.arange(len(names))
-    ax_lat.bar_label(ax_lat.bar(x, latencies, color="tab:blue"), fmt="%.3f", fontsize=7)
+    x = np.arange(len(rows))
+    base = ax_lat.bar(x - 0.2, [b for *_, b, _ in rows], 0.4, color="tab:gray", label="uncached (paired)")
+    cached = ax_lat.bar(x + 0.2, [c for *_, c in rows], 0.4, color="tab:blue", label="cached")
+    for bars in (base, cached):
+        ax_lat.bar_label(bars, fmt="%.3f", fontsize=6)
     ax_lat.set_ylabel("latency (s)")
-    ax_speed.bar_label(ax_speed.bar(x, speedups, color="tab:green"), fmt="%.2f×", fontsize=7)
+    ax_lat.legend(fontsize=7)
+    speedups = [b / c for *_, b, c in rows]
+    err = _xerr([r for _, r, _, _ in rows])
+    bars = ax_speed.bar(x, speedups, color="tab:green", yerr=err, capsize=4)
+    ax_speed.bar_label(bars, fmt="%.2f×", fontsize=7, padding=8)
     ax_speed.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax_speed.set_ylabel("speed-up (×)")
+    ax_speed.set_ylabel("speed-up (×), bars: paired min–max")
     for ax in (ax_lat, ax_speed):
         ax.set_xticks(x, names, fontsize=7, rotation=30, ha="right")
         ax.margins(y=0.12)
-    fig.suptitle(f"Fastest run per method at PSNR ≥ {GRID_FLOOR_DB:g} dB")
+    fig.suptitle(f"Fastest run per method at PSNR ≥ {GRID_FLOOR_DB:g} dB (worst image),\n"
+                 "each against the uncached runs paired with it", fontsize=10)
     return _save(fig, path)
 
 
-def _chart_curves(results: dict, path: Path, y_key: str, ylabel: str, psnr: bool) -> Optional[Path]:
-    curves = {m: _method_curve(results, m, y_key, cap=psnr) for m in methods(results)}
-    curves = {m: c for m, c in curves.items() if c[0]}
-    if not curves:
+def _series_label(method: str, cap: int) -> str:
+    return f"{method} " + (f"cap {cap}" if cap >= 0 else "no cap")
+
+
+def _chart_curves(results: dict, path: Path, key: str, ylabel: str, psnr: bool) -> Optional[Path]:
+    """One line per (method, cap) series through its thresholds; y is the worst image's ``key``."""
+    lines = []
+    for (method, cap), runs in series(results).items():
+        runs = [r for r in runs if _num(r.get("speedup")) is not None and worst(r, key) is not None]
+        if runs:
+            ys = [_plot_psnr(worst(r, key)) if psnr else worst(r, key) for r in runs]
+            lines.append((method, cap, runs, ys))
+    if not lines:
         return None
     kinds = {r["method"]: r.get("kind", "xfuser") for r in results.get("runs", [])}
-    fig = Figure(figsize=(6.5, 4.5), dpi=100, layout="constrained")
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods(results))}
+    markers = "osD^vP*X"
+    fig = Figure(figsize=(7.0, 4.8), dpi=100, layout="constrained")
     ax = fig.subplots()
-    for method, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o", ls="--" if kinds.get(method) == "peer" else "-", label=method)
+    for method, cap, runs, ys in lines:
+        ax.errorbar([_num(r["speedup"]) for r in runs], ys, xerr=_xerr(runs), color=colors[method],
+                    marker=markers[(cap + 1) % len(markers)], capsize=2, elinewidth=0.8,
+                    ls="--" if kinds.get(method) == "peer" else "-", label=_series_label(method, cap))
     if psnr:
         for floor in sorted(FINDING_FLOORS_DB):
             ax.axhline(floor, color="grey", lw=0.8, ls=":")
             ax.text(0.01, floor, f"{floor:g} dB", transform=ax.get_yaxis_transform(), va="bottom", fontsize=7, color="grey")
-        if any(y >= PSNR_PLOT_CAP for _, ys in curves.values() for y in ys):
+        if any(y >= PSNR_PLOT_CAP for *_, ys in lines for y in ys):
             ylabel += f" (∞ drawn at {PSNR_PLOT_CAP:g})"
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("speed-up (×)")
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def _per_step_reuse(stats: dict) -> list[tuple[int, float]]:
+def per_step_fractions(stats: dict) -> list[tuple[int, float, float]]:
+    """(step, fully skipped fraction, partially computed fraction) of a run's blocks per step."""
     out = []
     for i, entry in enumerate(stats.get("per_step") or []):
         actions = str(entry.get("actions") or "")
         if actions:
-            out.append((int(entry.get("step", i)), sum(a != "C" for a in actions) / len(actions)))
+            out.append((int(entry.get("step", i)), sum(a in _SKIPPED for a in actions) / len(actions),
+                        actions.count("P") / len(actions)))
     return out
 
 
-def _per_block_reuse(stats: dict) -> list[tuple[int, float]]:
+def per_block_fractions(stats: dict) -> list[tuple[int, float, float]]:
+    """(block, fraction of steps fully skipped, fraction partially computed)."""
     steps = _num(stats.get("num_steps"))
     if not steps:
         return []
-    return [(int(b.get("block", i)), 1.0 - (_num(b.get("computed")) or 0.0) / steps)
-            for i, b in enumerate(stats.get("per_block") or [])]
+    return [(int(b.get("block", i)), ((_num(b.get("reused")) or 0.0) + (_num(b.get("approximated")) or 0.0)) / steps,
+             (_num(b.get("partial")) or 0.0) / steps) for i, b in enumerate(stats.get("per_block") or [])]
 
 
 def _xfuser_stats(results: dict) -> dict[str, tuple[dict, dict]]:
@@ -455,40 +708,48 @@ def _xfuser_stats(results: dict) -> dict[str, tuple[dict, dict]]:
 
 
 def _chart_per_step(results: dict, path: Path) -> Optional[Path]:
-    series = {m: (r, _per_step_reuse(s)) for m, (r, s) in _xfuser_stats(results).items()}
-    series = {m: v for m, v in series.items() if v[1]}
-    if not series:
+    data = {m: (r, per_step_fractions(s)) for m, (r, s) in _xfuser_stats(results).items()}
+    data = {m: v for m, v in data.items() if v[1]}
+    if not data:
         return None
     fig = Figure(figsize=(6.5, 4.0), dpi=100, layout="constrained")
     ax = fig.subplots()
-    for method, (run, points) in series.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=4, alpha=0.8,
-                label=f"{method} thr {fmt_setting(run)}")
+    for i, (method, (run, points)) in enumerate(data.items()):
+        steps = [p[0] for p in points]
+        ax.plot(steps, [p[1] for p in points], marker="o", ms=4, alpha=0.8, color=f"C{i}",
+                label=f"{method} thr {fmt_setting(run)}: fully skipped")
+        if any(p[2] for p in points):
+            ax.plot(steps, [p[2] for p in points], marker="x", ms=4, alpha=0.8, ls="--", color=f"C{i}",
+                    label=f"{method}: partially computed")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("denoising step")
-    ax.set_ylabel("fraction of blocks not computed")
+    ax.set_ylabel("fraction of blocks")
     ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
 def _chart_per_block(results: dict, path: Path) -> Optional[Path]:
-    series = {m: (r, _per_block_reuse(s)) for m, (r, s) in _xfuser_stats(results).items()}
-    series = {m: v for m, v in series.items() if v[1]}
-    if not series:
+    data = {m: (r, per_block_fractions(s)) for m, (r, s) in _xfuser_stats(results).items()}
+    data = {m: v for m, v in data.items() if v[1]}
+    if not data:
         return None
     fig = Figure(figsize=(6.5, 4.0), dpi=100, layout="constrained")
     ax = fig.subplots()
-    width = 0.8 / len(series)
-    for i, (method, (run, points)) in enumerate(series.items()):
-        ax.bar(np.array([p[0] for p in points]) + (i - (len(series) - 1) / 2) * width, [p[1] for p in points],
-               width=width, label=f"{method} thr {fmt_setting(run)}")
+    width = 0.8 / len(data)
+    for i, (method, (run, points)) in enumerate(data.items()):
+        x = np.array([p[0] for p in points]) + (i - (len(data) - 1) / 2) * width
+        skipped = [p[1] for p in points]
+        ax.bar(x, skipped, width=width, color=f"C{i}", label=f"{method} thr {fmt_setting(run)}: fully skipped")
+        if any(p[2] for p in points):
+            ax.bar(x, [p[2] for p in points], width=width, bottom=skipped, color=f"C{i}", alpha=0.4, hatch="//",
+                   label=f"{method}: partially computed")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("block")
-    ax.set_ylabel("1 − computed / steps")
+    ax.set_ylabel("fraction of steps")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -497,10 +758,10 @@ def make_charts(results: dict, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     makers = {
         "latency_speedup.png": _chart_latency,
-        "speed_quality.png": lambda r, p: _chart_curves(r, p, "psnr_mean", "PSNR (dB)", psnr=True),
+        "speed_quality.png": lambda r, p: _chart_curves(r, p, "psnr", "PSNR of the worst image (dB)", psnr=True),
         "hit_ratio_per_step.png": _chart_per_step,
         "hit_ratio_per_block.png": _chart_per_block,
-        "ssim_speedup.png": lambda r, p: _chart_curves(r, p, "ssim_mean", "SSIM", psnr=False),
+        "ssim_speedup.png": lambda r, p: _chart_curves(r, p, "ssim", "SSIM of the worst image", psnr=False),
     }
     written = []
     for name, maker in makers.items():
@@ -528,6 +789,17 @@ img{max-width:100%;border:1px solid #ddd}figure{margin:1em 0}figcaption{font-siz
 dt{font-weight:bold;float:left;clear:left;width:9em}dd{margin-left:10em}"""
 
 
+OVERHEAD_COLUMNS = ["Method", "Slowdown vs uncached", "Paired spread", "Verdict"]
+
+
+def _overhead_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for m, v in (results.get("overhead") or {}).items():
+        spread = overhead_spread(results, m)
+        rows.append([m, _fmt(v, ".1%"), fmt_spread(spread, 0.0, True, False), timing_verdict(spread, 0.0)])
+    return rows
+
+
 def _header_items(results: dict) -> list[tuple[str, str]]:
     return [
         ("Model", f"{results.get('model', _MISSING)} ({results.get('model_type', _MISSING)})"),
@@ -537,7 +809,17 @@ def _header_items(results: dict) -> list[tuple[str, str]]:
         ("Steps", str(results.get("num_inference_steps", _MISSING))),
         ("Size", f"{results.get('height', '?')}×{results.get('width', '?')}"),
         ("Cases", str(len(results.get("cases", [])))),
+        ("Repeats", str(results.get("repeats", _MISSING))),
+        ("Finished", _progress_text(results)),
     ]
+
+
+def _progress_text(results: dict) -> str:
+    progress = results.get("progress")
+    if not progress:
+        return _MISSING
+    state = "complete" if progress.get("complete") else "incomplete"
+    return f"{progress.get('finished', '?')} of {progress.get('total', '?')} configurations ({state})"
 
 
 def write_html(results: dict, out_dir: str | Path, grid: Path | None = None, charts: list[Path] | None = None) -> Path:
@@ -567,7 +849,8 @@ def write_html(results: dict, out_dir: str | Path, grid: Path | None = None, cha
     parts.append("<h2>Comparison grid</h2>")
     if Path(grid).is_file():
         parts.append(f'<figure><img src="{esc(Path(grid).name)}" alt="comparison grid"><figcaption>Uncached vs each '
-                     f"method's fastest run at PSNR ≥ {GRID_FLOOR_DB:g} dB (or its lowest threshold).</figcaption></figure>")
+                     f"method's fastest run whose worst image has PSNR ≥ {GRID_FLOOR_DB:g} dB (or its lowest threshold)."
+                     "</figcaption></figure>")
     else:
         parts.append("<p>No comparison grid was generated.</p>")
 
@@ -587,7 +870,7 @@ def write_html(results: dict, out_dir: str | Path, grid: Path | None = None, cha
     parts.append("<h2>Caching overhead (caching forced off)</h2>")
     overhead = results.get("overhead") or {}
     if overhead:
-        parts.append(_html_table(["Method", "Slowdown vs uncached"], [[m, _fmt(v, ".1%")] for m, v in overhead.items()]))
+        parts.append(_html_table(OVERHEAD_COLUMNS, _overhead_rows(results)))
     else:
         parts.append("<p>Not measured.</p>")
 
@@ -630,6 +913,8 @@ def write_performance_md(results: dict, path: str | Path) -> Path:
     lines += ["", "## Best speed-up at each quality floor", ""] + _md_table(_best_columns(), _best_rows(results))
     lines += ["", "## Findings", ""] + [f"- {s}" for s in findings(results)]
     lines += ["", "## All runs", ""] + _md_table(RUN_COLUMNS, [_run_row(r) for r in results.get("runs", [])])
+    if results.get("overhead"):
+        lines += ["", "## Caching overhead (caching forced off)", ""] + _md_table(OVERHEAD_COLUMNS, _overhead_rows(results))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     logger.info("wrote %s", path)

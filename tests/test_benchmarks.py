@@ -158,27 +158,91 @@ def test_magcache_calibration_reads_the_ratios_and_checks_the_schedule(tiny_pixa
 
 
 # ------------------------------------------------------------------------------ scripts
+def _log_lines(name: str):
+    """A list that collects the messages of logger ``name`` (the xfuser root does not propagate)."""
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger(name).addHandler(handler)
+    return lines, lambda: logging.getLogger(name).removeHandler(handler)
+
+
 def test_cache_execute_end_to_end_with_peers_and_report(tmp_path):
+    import statistics
+
     bench = _load("benchmark/cache_execute.py", "cache_execute")
     out = tmp_path / "bench"
-    assert bench.main([
-        "--model_type", "tiny-pixart-sigma", "--num_inference_steps", "3", "--repeats", "1",
-        "--thresholds", "0", "0.5", "--motion_threshold", "0", "--prompts", "a red circle", "a blue square",
-        "--peer_thresholds", "0.5", "--report", "--output_dir", str(out),
-    ]) == 0
+    lines, detach = _log_lines("xfuser.benchmark.cache_execute")
+    try:
+        assert bench.main([
+            "--model_type", "tiny-pixart-sigma", "--num_inference_steps", "3", "--repeats", "2",
+            "--thresholds", "0", "0.5", "--motion_threshold", "0", "--prompts", "a red circle", "a blue square",
+            "--peer_thresholds", "0.5", "--report", "--output_dir", str(out),
+        ]) == 0
+    finally:
+        detach()
     results = _strict(out / "results.json")
     assert results["lpips"]["available"] or results["lpips"]["reason"].startswith("skipped")
     assert set(results["overhead"]) == {"Fast", "Fb", "Tea"}
     kinds = {(r["method"], r["kind"]) for r in results["runs"]}
     assert {("Fast", "xfuser"), ("Fb", "xfuser"), ("Tea", "xfuser"), ("diffusers-FBCache", "peer")} <= kinds
+    n = 1 + 3 + len(results["runs"])  # uncached reference, 3 overheads, every cached run
+    assert results["progress"] == {"finished": n, "total": n, "complete": True}
+    progress = [line for line in lines if line.startswith("configuration ")]
+    assert [line.split(":")[0] for line in progress] == [f"configuration {i} of {n}" for i in range(1, n + 1)]
+    assert all("ETA" in line for line in progress)
     for run in results["runs"]:
         assert len(run["images"]) == 2 and all((out / p).is_file() for p in run["images"])
         assert run["speedup"] == pytest.approx(run["baseline_latency_s"] / run["latency_s"])
+        # per-repeat pairs (2 cases x 2 repeats) behind the headline numbers and their spread
+        assert [len(c) for c in run["latency_runs_s"]] == [len(c) for c in run["baseline_runs_s"]] == [2, 2]
+        assert run["baseline_latency_s"] == pytest.approx(statistics.median(min(c) for c in run["baseline_runs_s"]))
+        ratios = [b / c for bs, cs in zip(run["baseline_runs_s"], run["latency_runs_s"]) for b, c in zip(bs, cs)]
+        assert run["paired_speedup"]["min"] == pytest.approx(min(ratios)) and run["paired_speedup"]["repeats"] == 2
+        assert run["paired_speedup"]["max"] == pytest.approx(max(ratios))
+        assert run["psnr_worst"] == min(run["psnr"])
+        if run["kind"] == "xfuser":
+            assert run["hit_ratio"] <= run["skipped_fraction"] + 1e-12 and run["hit_ratio"] + run["partial_ratio"] <= 1.0
         if run["kind"] == "xfuser" and run["threshold"] == 0:
             # threshold 0 reuses nothing: the image is the uncached one, exactly
             assert run["psnr"] == [math.inf, math.inf] and run["hit_ratio"] == 0.0
+    for m, spread in results["overhead_spread"].items():
+        timings = results["overhead_runs"][m]
+        ratios = [c / b - 1 for bs, cs in zip(timings["baseline_runs_s"], timings["latency_runs_s"]) for b, c in zip(bs, cs)]
+        assert (spread["min"], spread["max"]) == (pytest.approx(min(ratios)), pytest.approx(max(ratios)))
     for name in ("report.html", "comparison_grid.png", "speed_quality.png"):
         assert (out / name).is_file()
+    assert not list(out.glob("*.tmp"))
+
+
+def test_cache_execute_keeps_finished_configurations_when_interrupted(tmp_path, monkeypatch):
+    """results.json is rewritten after every configuration: a run stopped in its 6th of 6 keeps
+    the 5 that finished and says it is incomplete."""
+    bench = _load("benchmark/cache_execute.py", "cache_execute_interrupted")
+    measure, calls = bench.Bench.measure, []
+
+    def interrupted(self, name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return measure(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(bench.Bench, "measure", interrupted)
+    out = tmp_path / "bench"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--model_type", "tiny-pixart-sigma", "--num_inference_steps", "2", "--repeats", "1",
+                    "--cache_methods", "None", "Fast", "--thresholds", "0", "0.5", "--prompts", "a red circle",
+                    "--no-peers", "--output_dir", str(out)])
+    assert calls == ["None", "overhead_Fast", "overhead_Fb", "overhead_Tea", "Fast_0", "Fast_0.5"]
+    results = _strict(out / "results.json")
+    assert results["progress"] == {"finished": 5, "total": 6, "complete": False}
+    assert [r["label"] for r in results["runs"]] == ["Fast 0"] and set(results["overhead"]) == {"Fast", "Fb", "Tea"}
+    assert not list(out.glob("*.tmp"))
+    report = _load("benchmark/report.py", "report_on_partial")
+    assert report.findings(report.load_results(out / "results.json"))[0].startswith(
+        "This run is incomplete: 5 of 6 configurations finished")
 
 
 def test_run_fastcache_test_compares_with_the_uncached_image(tmp_path):
@@ -203,17 +267,32 @@ def test_run_fastcache_test_rejects_bad_threshold_before_loading(tmp_path, monke
 
 
 def test_benchmark_shell_script_writes_the_report(tmp_path):
-    env = {**os.environ, "OUTPUT_DIR": str(tmp_path / "out"), "OMP_NUM_THREADS": "1", "STEPS": "2"}
-    proc = subprocess.run(
-        ["bash", str(ROOT / "examples/run_fastcache_benchmark.sh"), "tiny-pixart-sigma", "--",
-         "--repeats", "1", "--thresholds", "0.5", "--prompts", "a red circle", "--no-peers"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )
+    def script(out: str, *args: str, **env_vars: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "SWEEP"}
+        env.update(OUTPUT_DIR=str(tmp_path / out), OMP_NUM_THREADS="1", STEPS="2", **env_vars)
+        return subprocess.run(["bash", str(ROOT / "examples/run_fastcache_benchmark.sh"), "tiny-pixart-sigma", "--", *args],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+
+    proc = script("out", "--repeats", "1", "--thresholds", "0.5", "--prompts", "a red circle", "--no-peers")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
     results = _strict(out / "results.json")
     assert {r["method"] for r in results["runs"]} == {"Fast", "Fb", "Tea"}
+    assert "--sweep" not in results["command"].split()  # the default run is not the full sweep ...
+    assert "--peer_thresholds 0.1" in results["command"]  # ... and runs each peer at one threshold
+    assert results["progress"] == {"finished": 7, "total": 7, "complete": True}  # uncached, 3 overheads, 3 runs
+    assert "configuration 1 of 7: uncached reference" in proc.stderr and "configuration 7 of 7" in proc.stderr
     assert (out / "report.html").is_file() and (out / "comparison_grid.png").is_file()
+    assert "no spread is available" in (out / "report.html").read_text(encoding="utf-8")  # 1 repeat
+
+    swept = script("swept", "--cache_methods", "Fast", "--repeats", "1", "--prompts", "a red circle", "--no-peers",
+                   SWEEP="1")
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    results = _strict(tmp_path / "swept" / "results.json")
+    assert "--sweep" in results["command"].split()
+    sweep = _load("benchmark/cache_execute.py", "cache_execute_sweep")
+    expected = [(t, c) for c in sweep.SWEEP_CAPS for t in sweep.SWEEP_THRESHOLDS["Fast"]]
+    assert [(r["threshold"], r["max_cached_steps"]) for r in results["runs"]] == expected
 
 
 def test_video_benchmark_end_to_end(tmp_path):
@@ -274,10 +353,17 @@ def test_consisid_example_with_precomputed_face_embeddings_on_2_ranks(tmp_path):
     assert (out / "consisid_dp1_cfg1_ulysses2_ring1_pp1_patch1_Tea.gif").is_file()
 
 
-def test_consisid_example_needs_a_face(tmp_path):
+def test_example_with_a_model_that_is_no_directory_and_no_hub_id_ends_in_one_line(tmp_path):
+    """(A face is no longer required: tests/test_consisid_cli.py.) ``--model x`` names neither a
+    directory nor an owner/name hub id: one ``error:`` line, exit 2, no traceback."""
     proc = subprocess.run([sys.executable, str(ROOT / "examples/consisid_example.py"), "--model", "x"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode != 0 and "--img_file_path" in proc.stderr
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: --model x: no such directory, and not a hub id (owner/name); give a diffusers "
+                      "checkpoint directory or a hub id"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_parallel_benchmark_under_torchrun(tmp_path):
