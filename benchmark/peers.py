@@ -25,6 +25,8 @@ import ast
 import contextlib
 import importlib.util
 import io
+import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -239,6 +241,15 @@ def magcache_peers(thresholds: list[float], calibration: MagCacheCalibration) ->
     return [make(t) for t in thresholds]
 
 
+def quiet_library_logs(prefix: str) -> None:
+    """A peer's INFO chatter (cache-dit logs ~7 lines per enable) at WARNING, so the benchmark's
+    own progress stays readable; its warnings and errors still show. Applied to every logger of
+    the package, including those it creates lazily on first use (hence called at each enable)."""
+    for name in list(logging.root.manager.loggerDict):
+        if name == prefix or name.startswith(prefix + "."):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def cache_dit_available() -> bool:
     return importlib.util.find_spec("cache_dit") is not None
 
@@ -248,10 +259,12 @@ def cache_dit_peers(thresholds: list[float], num_blocks: int) -> list[Peer]:
     models: larger Fn/Bn leave nothing to skip on an 8-block transformer; plain (the cached
     residual reused as is) and with cache-dit's TaylorSeer calibrator (the residual forecast
     from the computed steps' by a first-order Taylor expansion)."""
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "WARNING")  # read when cache-dit is first imported
     import cache_dit
 
     def make(method: str, threshold: float, calibrator: Callable[[], Any] | None) -> Peer:
         def enable(pipe: Any) -> None:
+            quiet_library_logs("cache_dit")
             cache_dit.enable_cache(
                 pipe,
                 cache_config=cache_dit.DBCacheConfig(

@@ -15,7 +15,8 @@ is a fixed conclusion. Rules that keep it from misleading:
   one repeat the report says no spread is available;
 * ``hit_ratio`` counts fully skipped blocks only, partially computed ones are ``partial_ratio``.
 
-PSNR may be ``Infinity`` (identical images): tables print "∞" and plots cap it at ``PSNR_PLOT_CAP`` dB.
+PSNR may be ``Infinity`` (identical images): tables print "∞"; curves draw it on a labelled line
+5 dB above the highest finite value (a fixed far cap would squash every finite difference).
 """
 from __future__ import annotations
 
@@ -42,8 +43,6 @@ from xfuser import strict_json  # noqa: E402
 
 logger = init_logger("benchmark.report")
 
-PSNR_PLOT_CAP = 100.0
-"""PSNR values above this (including ∞) are drawn at this height."""
 GRID_FLOOR_DB = 25.0
 """A method's run shown in the grid and per-method charts: its fastest run whose worst image is ≥ this."""
 FINDING_FLOORS_DB = (30.0, 25.0)
@@ -299,11 +298,6 @@ def fmt_spread(spread: Optional[Spread], null: float = 1.0, percent: bool = Fals
     f = (lambda v: f"{v:+.1%}") if percent else (lambda v: f"{v:.2f}×")
     text = f"{f(spread.low)} to {f(spread.high)} (median {f(spread.median)}, {spread.repeats} repeats)"
     return text + ("; within noise" if verdict and status == "within noise" else "")
-
-
-def _plot_psnr(value: Any) -> Optional[float]:
-    v = _num(value)
-    return None if v is None else min(v, PSNR_PLOT_CAP)
 
 
 def _run_rel_l2(run: dict) -> Optional[float]:
@@ -648,16 +642,26 @@ def _series_label(method: str, cap: int) -> str:
     return f"{method} " + (f"cap {cap}" if cap >= 0 else "no cap")
 
 
+def infinity_height(psnrs: list[float], margin_db: float = 5.0) -> float:
+    """Where a curve draws PSNR ∞ (identical to uncached): ``margin_db`` above the highest finite
+    value, so the finite differences keep the axis (a far cap such as 100 dB squashed them)."""
+    finite = [p for p in psnrs if math.isfinite(p)]
+    return (max(finite) if finite else 40.0) + margin_db
+
+
 def _chart_curves(results: dict, path: Path, key: str, ylabel: str, psnr: bool) -> Optional[Path]:
     """One line per (method, cap) series through its thresholds; y is the worst image's ``key``."""
     lines = []
     for (method, cap), runs in series(results).items():
         runs = [r for r in runs if _num(r.get("speedup")) is not None and worst(r, key) is not None]
         if runs:
-            ys = [_plot_psnr(worst(r, key)) if psnr else worst(r, key) for r in runs]
-            lines.append((method, cap, runs, ys))
+            lines.append((method, cap, runs, [worst(r, key) for r in runs]))
     if not lines:
         return None
+    infinity_at = None
+    if psnr:
+        infinity_at = infinity_height([y for *_, ys in lines for y in ys])
+        lines = [(m, c, rs, [infinity_at if math.isinf(y) else y for y in ys]) for m, c, rs, ys in lines]
     kinds = {r["method"]: r.get("kind", "xfuser") for r in results.get("runs", [])}
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods(results))}
     markers = "osD^vP*X"
@@ -671,8 +675,10 @@ def _chart_curves(results: dict, path: Path, key: str, ylabel: str, psnr: bool) 
         for floor in sorted(FINDING_FLOORS_DB):
             ax.axhline(floor, color="grey", lw=0.8, ls=":")
             ax.text(0.01, floor, f"{floor:g} dB", transform=ax.get_yaxis_transform(), va="bottom", fontsize=7, color="grey")
-        if any(y >= PSNR_PLOT_CAP for *_, ys in lines for y in ys):
-            ylabel += f" (∞ drawn at {PSNR_PLOT_CAP:g})"
+        if any(y == infinity_at for *_, ys in lines for y in ys):
+            ax.axhline(infinity_at, color="black", lw=0.8, ls="-.")
+            ax.text(0.99, infinity_at, "∞: identical to uncached", transform=ax.get_yaxis_transform(), ha="right",
+                    va="bottom", fontsize=7)
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("speed-up (×)")
     ax.set_ylabel(ylabel)

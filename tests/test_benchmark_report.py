@@ -470,3 +470,8 @@ def test_results_are_strict_json_and_the_report_reads_infinity_back():
         "psnr": ["Infinity", 31.5], "worst": "-Infinity", "ssim": None}
     assert [report._num(v) for v in ("Infinity", "-Infinity", None, 31.5, "n/a")] == [math.inf, -math.inf, None, 31.5, None]
     assert report.fmt_psnr("Infinity") == "∞"
+
+
+def test_infinite_psnr_is_drawn_just_above_the_finite_values():
+    assert report.infinity_height([31.0, math.inf, 42.5]) == 47.5
+    assert report.infinity_height([math.inf]) == 45.0  # nothing finite: a fixed, labelled height

@@ -46,6 +46,7 @@ def test_writes_a_loadable_v_prediction_pipeline(trained):
     assert log["dit"]["steps"] == 3 and log["dit"]["text_encoder_trained"] is True
 
 
+@pytest.mark.slow  # 25 s: a second training pass; the recipe's main pass is tested above
 def test_decoder_only_pass_touches_only_the_decoder(trained):
     files = {"dit": "transformer/diffusion_pytorch_model.safetensors", "te": "text_encoder/model.safetensors",
              "vae": "vae/diffusion_pytorch_model.safetensors"}

@@ -118,3 +118,31 @@ def test_upstream_combining_with_parallel_methods_as_written(pipe):
         second = alone(prompt=["a red circle on a white background, top left"], num_inference_steps=STEPS,
                        output_type="np", generator=sample_generators(inputs.seed, 1, first_prompt=1))
     np.testing.assert_allclose(_images(result)[1:], _images(second), rtol=0, atol=1e-5)  # same seed, same image
+
+
+def _combined_on_ranks(rank: int, world: int) -> dict:
+    from diffusers import PixArtSigmaPipeline
+
+    pipe = PixArtSigmaPipeline.from_pretrained(EMBEDDED_MODEL_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    wrapper = xFuserFastCachePipelineWrapper(pipe)
+    wrapper.enable_fastcache()
+    degree = {"ulysses_degree": world} if world > 1 else {}
+    engine, inputs = xFuserArgs(output_type="np", **degree).create_config(world_size=world)
+    with xDiTParallel(wrapper, engine, inputs) as paralleler:
+        result = paralleler(prompt=PROMPT, num_inference_steps=STEPS)
+        return {"images": _images(result), "log": paralleler.manager.decision_log()}
+
+
+def test_upstream_combination_under_two_ranks_equals_one_process():
+    """The same upstream code on 2 gloo ranks (Ulysses 2): identical decisions on both ranks and
+    the single-process image (Ulysses attention is exact)."""
+    from xfuser.core.distributed import destroy_distributed_environment
+    from xfuser.testing.multiprocess import run_on_ranks
+
+    run = run_on_ranks(_combined_on_ranks, 2, timeout_s=240)
+    destroy_distributed_environment()
+    single = _combined_on_ranks(0, 1)
+    destroy_distributed_environment()
+    assert run.results[0]["log"] == run.results[1]["log"] == single["log"]
+    np.testing.assert_allclose(run.results[0]["images"], single["images"], rtol=0, atol=1e-5)
