@@ -45,7 +45,6 @@ from xfuser.model_executor.pipelines.model_types import (  # noqa: E402
     check_model_type,
     load_pipeline,
     resolve_model,
-    unreachable_model_error,
 )
 
 logger = init_logger("benchmark.cache_execution_xfuser")
@@ -64,16 +63,16 @@ def reset_bytes() -> None:
 
 def load(model_type: str | None, engine):
     """The pipeline: ``--model_type`` (upstream's spelling; built in memory for tiny-* types)
-    through the benchmarks' loader, else ``--model`` through ``DiffusionPipeline``."""
+    through the benchmarks' loader, else ``--model`` through the examples' loader (which names
+    what a broken directory holds, or what to pass for an unreachable hub id)."""
     if model_type is not None:
         model = None if engine.model_config.model == model_type else engine.model_config.model
         return load_pipeline(model_type, model, dtype=engine.model_config.torch_dtype)
     from diffusers import DiffusionPipeline
 
-    try:
-        return DiffusionPipeline.from_pretrained(engine.model_config.model, dtype=engine.model_config.torch_dtype)
-    except OSError as exc:
-        raise unreachable_model_error(engine.model_config.model, exc) from exc
+    from xfuser.cli import load_pipeline as load_checkpoint
+
+    return load_checkpoint(DiffusionPipeline, engine)
 
 
 def with_model_type(args: xFuserArgs, model_type: str | None) -> xFuserArgs:

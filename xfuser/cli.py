@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 from xfuser import strict_json
 from xfuser.config import EngineConfig, xFuserArgs
 from xfuser.config.config import ConfigError
-from xfuser.logger import init_logger
+from xfuser.logger import init_logger, launch_rank
 
 logger = init_logger(__name__)
 
@@ -74,12 +74,7 @@ def load_pipeline(pipeline_cls, engine: EngineConfig):
         if described is None:
             from xfuser.model_executor.pipelines.model_types import unreachable_model_error
 
-            if not Path(model).exists() and str(model).count("/") != 1:
-                raise ConfigError(
-                    f"--model {model}: no such directory, and not a hub id (owner/name); give a diffusers checkpoint "
-                    "directory or a hub id"
-                ) from exc
-            raise unreachable_model_error(model, exc) from exc
+            raise unreachable_model_error(str(model), exc) from exc
         listing, missing = described
         reason = " ".join(str(exc).split())
         found = f"{', '.join(missing)} has a config.json but no weights file; " if missing else ""
@@ -106,16 +101,9 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     return directory
 
 
-def _launch_rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
 def exit_with_error(exc: BaseException) -> NoReturn:
     """One ``error:`` line on rank 0's stderr, exit status 2 on every rank, no traceback."""
-    if _launch_rank() == 0:
+    if launch_rank() == 0:
         message = " ".join(str(exc).split())
         # printed, not logged: argparse's own form for a usage error (no level, time or logger
         # name to read past), so a bad flag and a bad value look alike to the user

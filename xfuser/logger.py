@@ -12,9 +12,18 @@ _ROOT = "xfuser"
 _configured = False
 
 
+def launch_rank() -> int:
+    """The launcher's global rank (torchrun's ``RANK``; 0 without one or when unreadable): known
+    before any process group exists, so start-up messages can be printed by one rank."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.rank = os.environ.get("RANK", "0")
+        record.rank = launch_rank()
         return True
 
 

@@ -268,21 +268,13 @@ class xDiTParallel:  # noqa: N801 - public name from xDiT
         return self.inputs.prompt[first:end]
 
     def call_kwargs(self, **overrides: Any) -> dict[str, Any]:
-        inputs = self.inputs
-        kwargs = prepare_call_kwargs(self.pipe, inputs.height, inputs.width)
-        kwargs.update(prompt=self.local_prompts(), num_inference_steps=inputs.num_inference_steps, output_type=inputs.output_type)
-        if inputs.guidance_scale is not None:
-            kwargs["guidance_scale"] = inputs.guidance_scale
-        if inputs.max_sequence_length is not None:
-            kwargs["max_sequence_length"] = inputs.max_sequence_length
-        if inputs.num_frames is not None:
-            kwargs["num_frames"] = inputs.num_frames  # an image pipeline is refused by check_call_inputs
-        negative = inputs.negative_prompt
-        if any(negative) if isinstance(negative, list) else negative:
-            if isinstance(negative, list) and len(negative) > 1:
-                first, end = self._local_range()  # one per prompt: this replica's share, like the prompts
-                negative = negative[first:end]
-            kwargs["negative_prompt"] = negative  # a pipeline without one is refused by check_call_inputs
+        # the whole request's arguments (what __init__ checked), then this replica's share of it
+        kwargs = input_call_kwargs(self.pipe, self.inputs)
+        kwargs.update(prompt=self.local_prompts(), output_type=self.inputs.output_type)
+        negative = kwargs.get("negative_prompt")
+        if isinstance(negative, list) and len(negative) > 1:  # one per prompt: sliced like the prompts
+            first, end = self._local_range()
+            kwargs["negative_prompt"] = negative[first:end]
         kwargs.update(overrides)
         check_call_inputs(self.pipe, kwargs)
         warn_unusual_inputs(self.pipe, kwargs)

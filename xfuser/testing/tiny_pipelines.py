@@ -141,7 +141,7 @@ def _hunyuandit(seed: int):
     )
 
 
-def _video_vae(seed: int):
+def tiny_video_vae(seed: int):
     """CogVideoX VAE: 3 levels -> 4x space, first two also compress time -> 4x time."""
     from diffusers import AutoencoderKLCogVideoX
 
@@ -169,7 +169,7 @@ def _cogvideox(seed: int, v15: bool = False):
         text_embed_dim=32, num_layers=2, max_text_seq_length=16, **_VIDEO_GRID, **version,
     )
     return CogVideoXPipeline(
-        tokenizer=build_t5_tokenizer(), text_encoder=_t5(seed + 1), vae=_video_vae(seed + 2),
+        tokenizer=build_t5_tokenizer(), text_encoder=_t5(seed + 1), vae=tiny_video_vae(seed + 2),
         transformer=transformer, scheduler=CogVideoXDDIMScheduler(),
     )
 
@@ -187,7 +187,7 @@ def _consisid(seed: int):
         LFE_num_querie=4, LFE_output_dim=128, LFE_ff_mult=2, LFE_num_scale=2, **_VIDEO_GRID,
     )
     return ConsisIDPipeline(
-        tokenizer=build_t5_tokenizer(), text_encoder=_t5(seed + 1), vae=_video_vae(seed + 2),
+        tokenizer=build_t5_tokenizer(), text_encoder=_t5(seed + 1), vae=tiny_video_vae(seed + 2),
         transformer=transformer, scheduler=CogVideoXDPMScheduler(),
     )
 
@@ -286,9 +286,7 @@ def calibrate_tiny_fastcache(model_type: str, path: str | Path, steps: int, seed
 
     pipe = build_tiny_pipeline(model_type, seed)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = tiny_call_kwargs(model_type)
-    for key in ("prompt", "num_inference_steps", "output_type", "generator"):
-        kwargs.pop(key, None)
+    kwargs = _tiny_call_defaults(model_type)
     trajectories = record_trajectories(pipe, ["a red circle", "a blue square on a white background"], steps, seed=seed, **kwargs)
     return fit_forecast(trajectories, pipe.transformer, max_gap=max_gap).save(path)
 

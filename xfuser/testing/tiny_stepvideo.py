@@ -9,6 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from xfuser.model_executor.models.stepvideo.pipeline import StepVideoPipeline
 from xfuser.model_executor.models.stepvideo.transformer import StepVideoTransformer3DModel
+from xfuser.testing.tiny_pipelines import tiny_video_vae
 from xfuser.testing.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 PROMPT = "a red circle on a blue background, top left"
@@ -24,18 +25,6 @@ def build_tiny_stepvideo_transformer(seed: int = 0) -> StepVideoTransformer3DMod
     only (random weights). Same seed, same weights."""
     torch.manual_seed(seed)
     return StepVideoTransformer3DModel(**TINY_STEPVIDEO_CONFIG).eval()
-
-
-def _tiny_video_vae(seed: int):
-    """CogVideoX VAE: 3 levels -> 4x space; time 4x (9 frames <-> 3 latent frames)."""
-    from diffusers import AutoencoderKLCogVideoX
-
-    torch.manual_seed(seed)
-    return AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
-        up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 8, 16), latent_channels=4,
-        layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4, sample_height=32, sample_width=32,
-    ).eval()
 
 
 def build_tiny_stepvideo_pipeline(seed: int = 0) -> StepVideoPipeline:
@@ -57,7 +46,7 @@ def build_tiny_stepvideo_pipeline(seed: int = 0) -> StepVideoPipeline:
         max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )).eval()
     return StepVideoPipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=13.0), vae=_tiny_video_vae(seed + 3),
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=13.0), vae=tiny_video_vae(seed + 3).eval(),
         text_encoder=t5, tokenizer=build_t5_tokenizer(), text_encoder_2=clip, tokenizer_2=build_clip_tokenizer(model_max_length=16),
     )
 

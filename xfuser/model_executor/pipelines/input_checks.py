@@ -17,10 +17,11 @@ def _signature(pipe) -> inspect.Signature:
     return inspect.signature(type(pipe).__call__)
 
 
-def _effective(pipe, kwargs: dict[str, Any], name: str) -> Any:
+def _effective(params, kwargs: dict[str, Any], name: str) -> Any:
+    """The value ``name`` will have in the call: given, else the signature's default."""
     if name in kwargs:
         return kwargs[name]
-    param = _signature(pipe).parameters.get(name)
+    param = params.get(name)
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
@@ -74,9 +75,10 @@ def _count(value: Any) -> int | None:
 
 def input_call_kwargs(pipe, inputs) -> dict[str, Any]:
     """The call arguments an :class:`InputConfig` asks of ``pipe`` for the whole request (every
-    prompt, before any data-parallel split; no generator), for :func:`check_call_inputs` to
-    check before process groups exist. Unlike ``xDiTParallel.call_kwargs`` it keeps arguments
-    the pipeline does not take, so that they are refused instead of dropped."""
+    prompt, before any data-parallel split; no generator or output type): what
+    :func:`check_call_inputs` checks before process groups exist, and what
+    ``xDiTParallel.call_kwargs`` splits per replica. Arguments the pipeline does not take are
+    kept, so that they are refused instead of dropped."""
     from xfuser.model_executor.pipelines.call_args import prepare_call_kwargs
 
     kwargs = prepare_call_kwargs(pipe, inputs.height, inputs.width)
@@ -109,7 +111,7 @@ def check_call_inputs(pipe, kwargs: dict[str, Any]) -> None:
         if found is not None:
             check_text_length(n_text, *found)
 
-    guidance = _effective(pipe, kwargs, "guidance_scale")
+    guidance = _effective(params, kwargs, "guidance_scale")
     if guidance is not None and not isinstance(guidance, bool) and isinstance(guidance, (int, float)) and guidance < 0:
         raise ConfigError(f"--guidance_scale must be >= 0, got {guidance}; use 0-1 for no guidance, > 1 for CFG")
     negative = kwargs.get("negative_prompt")
@@ -124,7 +126,7 @@ def check_call_inputs(pipe, kwargs: dict[str, Any]) -> None:
             )
         guidance_embedded = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "guidance_embeds", False)
         if "true_cfg_scale" in params or guidance_embedded:
-            true_cfg = _effective(pipe, kwargs, "true_cfg_scale")
+            true_cfg = _effective(params, kwargs, "true_cfg_scale")
             if true_cfg is None or true_cfg <= 1:
                 raise ConfigError(
                     f"--negative_prompt is ignored by {name} unless true_cfg_scale > 1 (its --guidance_scale is "
@@ -139,7 +141,7 @@ def check_call_inputs(pipe, kwargs: dict[str, Any]) -> None:
 
     height, width = kwargs.get("height"), kwargs.get("width")
     if height is not None or width is not None:
-        binning = "use_resolution_binning" in params and _effective(pipe, kwargs, "use_resolution_binning")
+        binning = "use_resolution_binning" in params and _effective(params, kwargs, "use_resolution_binning")
         found = None if binning else size_unit(pipe)
         if found is not None:
             check_size(height, width, *found)

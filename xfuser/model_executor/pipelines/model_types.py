@@ -110,12 +110,20 @@ def default_size(model_type: str, model: str | None) -> int | None:
 
 
 def unreachable_model_error(model: str, exc: BaseException, model_type: str | None = None) -> BaseException:
-    """One line for a hub id that cannot be loaded here (not in the local cache, the hub out of
-    reach): which model, why, and what to pass instead. Other failures are returned unchanged."""
+    """One line for a ``--model`` that cannot be loaded from anywhere: neither a directory nor
+    an owner/name hub id, or a hub id not in the local cache while the hub is out of reach
+    (which model, why, what to pass instead). Other failures are returned unchanged."""
     from pathlib import Path
 
+    if Path(model).exists():
+        return exc
+    if model.count("/") != 1:
+        return ConfigError(
+            f"--model {model}: no such directory, and not a hub id (owner/name); give a diffusers checkpoint "
+            "directory or a hub id"
+        )
     text = str(exc).lower()
-    if Path(model).exists() or model.count("/") != 1 or not ("cache" in text or "connect" in text):
+    if not ("cache" in text or "connect" in text):
         return exc
     tiny = f"tiny-{model_type}" if model_type and f"tiny-{model_type}" in _BUILT else "tiny-<family>"
     return ConfigError(
